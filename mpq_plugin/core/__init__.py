@@ -1,0 +1,25 @@
+"""Torch-only quantization math: pure functions, no module swapping, no host library."""
+from mpq_plugin.core.ste import ROUNDING_MODES, ceil_ste, floor_ste, grad_scale, round_nograd, round_ste
+from mpq_plugin.core.affine import (
+    fake_quantize,
+    int_range,
+    pow2_round_ste,
+    quantize_codes,
+    reshape_for_axis,
+)
+from mpq_plugin.core.state import QuantState
+
+__all__ = [
+    "ROUNDING_MODES",
+    "QuantState",
+    "ceil_ste",
+    "fake_quantize",
+    "grad_scale",
+    "round_nograd",
+    "floor_ste",
+    "int_range",
+    "pow2_round_ste",
+    "quantize_codes",
+    "reshape_for_axis",
+    "round_ste",
+]

@@ -1,0 +1,29 @@
+"""Modules: the FakeQuantizer base, quantized layers and per-layer name matching."""
+from mpq_plugin.nn.fake_quantizer import FakeQuantizer, QuantizerSpec
+from mpq_plugin.nn.layers import (
+    QUANT_LAYER_TYPES,
+    QuantConv1d,
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLayer,
+    QuantLinear,
+    quant_layers,
+    to_float,
+    wrap_layer,
+)
+from mpq_plugin.nn.matching import resolve_layer
+
+__all__ = [
+    "FakeQuantizer",
+    "QUANT_LAYER_TYPES",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantEmbedding",
+    "QuantLayer",
+    "QuantLinear",
+    "QuantizerSpec",
+    "quant_layers",
+    "resolve_layer",
+    "to_float",
+    "wrap_layer",
+]
