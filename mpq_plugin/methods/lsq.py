@@ -29,20 +29,24 @@ class LSQOptions(MethodOptions):
     Attributes:
         scale_grad: apply LSQ's gradient scale ``1/sqrt(N*Q_P)`` to the step.
         rounding: ``half_even`` (torch) or ``half_away`` (C ``round``).
+        init: ``lsq`` (``2<|x|>/sqrt(Q_P)``, the paper) or ``minmax`` (``max|x|/Q_P``: plain
+            round-to-nearest, the PTQ baseline when no training follows).
     """
 
     scale_grad: bool = True
     rounding: str = "half_even"
+    init: str = "lsq"
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(f"rounding={self.rounding!r}; use one of {ROUNDING_MODES}")
+        if self.init not in ("lsq", "minmax"):
+            raise ValueError(f"init={self.init!r}; use 'lsq' or 'minmax'")
 
 
-def _mean_abs(x: torch.Tensor, axis: Optional[int], channels: Optional[int]) -> torch.Tensor:
-    if channels is None:
-        return x.abs().mean().reshape(1)
-    return x.abs().transpose(0, axis).reshape(channels, -1).mean(dim=1)
+def _abs_stat(x: torch.Tensor, axis: Optional[int], channels: Optional[int], stat: str) -> torch.Tensor:
+    a = x.abs().reshape(1, -1) if channels is None else x.abs().transpose(0, axis or 0).reshape(channels, -1)
+    return a.mean(dim=1) if stat == "mean" else a.amax(dim=1)
 
 
 @register_method("lsq", LSQOptions)
@@ -51,6 +55,7 @@ class LSQQuantizer(FakeQuantizer):
 
     supports_per_channel = True
     budget_penalty = "none"
+    searches_bits = False
 
     def __init__(self, spec: QuantizerSpec, options: Optional[LSQOptions] = None) -> None:
         super().__init__(spec, options)
@@ -68,7 +73,10 @@ class LSQQuantizer(FakeQuantizer):
 
     def initialize(self, x: torch.Tensor) -> None:
         _, qmax = self._range()
-        s = 2 * _mean_abs(x, self.spec.axis, self.spec.channels) / math.sqrt(max(qmax, 1.0))
+        if self.options.init == "minmax":
+            s = _abs_stat(x, self.spec.axis, self.spec.channels, "max") / max(qmax, 1.0)
+        else:
+            s = 2 * _abs_stat(x, self.spec.axis, self.spec.channels, "mean") / math.sqrt(max(qmax, 1.0))
         self.step.copy_(s.clamp_min(1e-8))
 
     def _grad_factor(self, x: torch.Tensor) -> float:

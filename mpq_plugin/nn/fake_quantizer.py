@@ -66,6 +66,8 @@ class FakeQuantizer(nn.Module):
     #: lambda * (hard_cost - target) * soft_cost, which lets bits regrow), ``hinge``
     #: (SDQ: lambda * relu(expected_cost - target)), ``none`` (fixed-bit baselines)
     budget_penalty: ClassVar[str] = "hinge_sq"
+    #: ``False`` for fixed-bit baselines (they need ``weight_bits`` as one integer)
+    searches_bits: ClassVar[bool] = True
 
     def __init__(self, spec: QuantizerSpec, options: Any = None) -> None:
         super().__init__()
