@@ -10,13 +10,11 @@ from torch import nn
 from mpq_plugin.config import Budget, BitPlan, LayerBits, MPQConfig
 from mpq_plugin.nn.costing import cost_tensors, model_cost
 from mpq_plugin.nn.fake_quantizer import FakeQuantizer, QuantizerSpec
-from mpq_plugin.nn.layers import quant_layers, to_float, wrap_layer
+from mpq_plugin.nn.layers import QUANT_LAYER_TYPES, quant_layers, to_float, wrap_layer
 from mpq_plugin.nn.matching import LayerSettings, resolve_layer
 from mpq_plugin.registry import get_method
 
 log = logging.getLogger(__name__)
-
-BASE_TARGETS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 def make_quantizer(config: MPQConfig, role: str, bits: Tuple[int, int], *,
@@ -74,7 +72,7 @@ def quantize_(model: nn.Module, config: MPQConfig, example_inputs: Optional[Tupl
     if not isinstance(config, MPQConfig):
         raise TypeError(f"config must be an mpq_plugin.MPQConfig, got {type(config).__name__}")
     check_finite_weights(model)
-    targets = BASE_TARGETS + ((nn.Embedding,) if config.quantize_embeddings else ())
+    targets = tuple(t for t in QUANT_LAYER_TYPES if t is not nn.Embedding or config.quantize_embeddings)
     if type(model) in targets:
         raise TypeError("quantize_ replaces submodules: wrap a single layer in nn.Sequential first")
     swapped = 0

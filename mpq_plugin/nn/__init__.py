@@ -8,6 +8,7 @@ from mpq_plugin.nn.layers import (
     QuantLayer,
     QuantLinear,
     quant_layers,
+    register_quant_layer,
     to_float,
     wrap_layer,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "QuantLinear",
     "QuantizerSpec",
     "quant_layers",
+    "register_quant_layer",
     "resolve_layer",
     "to_float",
     "wrap_layer",

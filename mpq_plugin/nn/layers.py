@@ -102,6 +102,13 @@ QUANT_LAYER_TYPES: Dict[Type[nn.Module], Type[nn.Module]] = {
 }
 
 
+def register_quant_layer(float_cls: Type[nn.Module], quant_cls: Type[nn.Module]) -> None:
+    """Teach ``quantize_`` a new float layer type (e.g. a fused Conv-BN from an adapter)."""
+    if not issubclass(quant_cls, QuantLayer):
+        raise TypeError(f"{quant_cls.__name__} must derive from QuantLayer")
+    QUANT_LAYER_TYPES[float_cls] = quant_cls
+
+
 def _clone_module_as(module: nn.Module, cls: Type[nn.Module]) -> nn.Module:
     """A new ``cls`` instance sharing ``module``'s parameters, buffers and children."""
     new = cls.__new__(cls)
