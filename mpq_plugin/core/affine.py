@@ -44,12 +44,14 @@ def fake_quantize(
 ) -> torch.Tensor:
     """``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` with straight-through rounding.
 
-    Autograd then gives exactly the LSQ gradients: ``dx = 1`` inside the range and 0 outside;
-    ``ds = round(x/s) - x/s`` inside and ``qmin - z`` / ``qmax - z`` outside.
-    ``scale``/``zero_point`` must already broadcast against ``x`` (see :func:`reshape_for_axis`).
+    The clamp is applied before rounding (``round(clamp(x/s, qmin - z, qmax - z)) + z``: the
+    same values for integer ``z``), so autograd gives exactly the LSQ gradients: ``dx = 1``
+    inside the range and 0 outside; ``ds = round(x/s) - x/s`` inside and ``qmin - z`` /
+    ``qmax - z`` outside. ``scale``/``zero_point`` must already broadcast against ``x``
+    (see :func:`reshape_for_axis`).
     """
-    q = round_ste(x / scale, rounding) + zero_point
-    q = torch.clamp(q, qmin, qmax)  # same shape as x, integers in [qmin, qmax]
+    v = torch.clamp(x / scale, qmin - zero_point, qmax - zero_point)
+    q = round_ste(v, rounding) + zero_point  # same shape as x, integers in [qmin, qmax]
     return (q - zero_point) * scale
 
 
@@ -63,7 +65,8 @@ def quantize_codes(
 ) -> torch.Tensor:
     """Integer codes of :func:`fake_quantize` (int64), with no gradient."""
     with torch.no_grad():
-        q = torch.clamp(round_nograd(x / scale, rounding) + zero_point, qmin, qmax)
+        v = torch.clamp(x / scale, qmin - zero_point, qmax - zero_point)
+        q = round_nograd(v, rounding) + zero_point
     return q.to(torch.int64)
 
 

@@ -23,8 +23,15 @@ def round_nograd(x: torch.Tensor, mode: str = "half_even") -> torch.Tensor:
     if mode == "half_even":
         return torch.round(x)
     if mode == "half_away":
-        return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+        return _round_half_away(x)
     raise ValueError(f"unknown rounding mode {mode!r}; use one of {ROUNDING_MODES}")
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    # trunc + correction is exact in float32; sign(x)*floor(|x|+0.5) is not (0.49999997 -> 1,
+    # odd integers >= 2^23 -> +1) because |x|+0.5 itself rounds
+    t = torch.trunc(x)
+    return t + torch.sign(x) * (torch.abs(x - t) >= 0.5).to(x.dtype)
 
 
 class _RoundHalfEven(torch.autograd.Function):
@@ -40,7 +47,7 @@ class _RoundHalfEven(torch.autograd.Function):
 class _RoundHalfAway(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+        return _round_half_away(x)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,7 @@ def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0) -> MobileNetV
     """MobileNetV2 with random weights; ``mobilenet_v2(10, 0.25)`` is a small variant for tests.
 
     Example:
-        >>> m = mobilenet_v2(num_classes=10, width_mult=0.25)
+        >>> m = mobilenet_v2(num_classes=10, width_mult=0.25).eval()
         >>> m(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 10])
     """
