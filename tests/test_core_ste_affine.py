@@ -188,7 +188,7 @@ def test_quantize_codes_consistent_with_fake_quantize(case, zp):
 
 def _away_from_bands(v: torch.Tensor, qmin: int, qmax: int, margin: float = 0.05) -> torch.Tensor:
     """Push ``v = x/s`` out of the two half-step bands just outside ``[qmin, qmax]`` (see the
-    xfail test below) and away from the exact range ends."""
+    band test below) and away from the exact range ends."""
     v = v.clone()
     top = (v > qmax - margin) & (v < qmax + 0.5 + margin)
     bot = (v < qmin + margin) & (v > qmin - 0.5 - margin)
