@@ -36,8 +36,8 @@ def _layer_quantizers(module: nn.Module, settings: LayerSettings, config: MPQCon
                         shape=tuple(weight.shape))
     aq = None
     if settings.act_bits is not None and not isinstance(module, nn.Embedding):
-        aq = make_quantizer(config, "act", settings.act_bits, signed=None)
-    return wq, aq
+        aq = make_quantizer(config, "act", settings.act_bits, signed=None).to(weight.device)
+    return wq.to(weight.device), aq
 
 
 def check_finite_weights(model: nn.Module) -> None:
