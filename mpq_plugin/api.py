@@ -93,11 +93,23 @@ def quantize_(model: nn.Module, config: MPQConfig, example_inputs: Optional[Tupl
     model._mpq_config = config  # type: ignore[assignment]
     log.info("quantize_: %d layers use method %r", swapped, config.method)
     if example_inputs is not None:
-        with torch.no_grad():
-            model(*example_inputs)
+        calibrate(model, example_inputs)
     if config.budget is not None:
         check_budget_feasible(model, config.budget, shapes_known=example_inputs is not None)
     return model
+
+
+def calibrate(model: nn.Module, example_inputs: Tuple[Any, ...]) -> None:
+    """One no-grad forward in eval mode: initializes activation quantizers and records layer
+    shapes without touching BatchNorm running statistics; restores each module's mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def check_budget_feasible(model: nn.Module, budget: Budget, shapes_known: bool = True) -> None:
