@@ -47,7 +47,7 @@ def test_freeze_matches_fake_quant_bit_for_bit(method: str) -> None:
     assert set(plan) == {n for n, _ in quant_layers(model)}
     for name, layer in quant_layers(model):
         wq = layer.weight_quantizer
-        state = wq.freeze(layer.weight)
+        state = wq.freeze(layer.weight_to_quantize())
         state.check()
         fq = layer.quantized_weight()
         assert torch.equal(state.dequantize(), fq), f"{method}/{name}: weight freeze != fake-quant"

@@ -26,8 +26,13 @@ class QuantLayer:
     _in_shape: Optional[Tuple[int, ...]]
     _out_shape: Optional[Tuple[int, ...]]
 
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The float tensor the weight quantizer sees (and export freezes): the weight, or the
+        BN-folded weight for a fused Conv-BN layer."""
+        return self.weight  # type: ignore[attr-defined]
+
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight)  # type: ignore[attr-defined]
+        return self.weight_quantizer(self.weight_to_quantize())
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_quantizer(x) if self.input_quantizer is not None else x
@@ -134,7 +139,7 @@ def wrap_layer(module: nn.Module, weight_quantizer: FakeQuantizer,
     new.weight_quantizer = weight_quantizer
     new.input_quantizer = input_quantizer
     with torch.no_grad():
-        weight_quantizer(module.weight)  # initialize from the float weight now
+        weight_quantizer(new.weight_to_quantize())  # initialize from the float weight now
     if weight_quantizer.replaces_weight:
         new.weight.requires_grad_(False)  # the quantizer's own parameters carry the weight
     return new
