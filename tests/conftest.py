@@ -8,6 +8,10 @@ from torch import nn
 import mpq_plugin
 from mpq_plugin.registry import get_method
 
+# pytest-xdist runs one worker per core: one torch thread each avoids oversubscription, which
+# made tiny ops ~1000x slower on a loaded 2-core machine
+torch.set_num_threads(1)
+
 
 def config_for(method: str, **kw) -> mpq_plugin.MPQConfig:
     """A config valid for ``method``: a bit range for searching methods, 4 bits for baselines."""

@@ -66,8 +66,9 @@ def embedding_geometry(name: str, num_embeddings: int, dim: int) -> LayerGeometr
 
 
 def _as_tensor(bits: BitsLike) -> torch.Tensor:
+    # float64 stays float64 (gradcheck, large totals); everything else computes in float32
     if isinstance(bits, torch.Tensor):
-        return bits.float()
+        return bits if bits.dtype == torch.float64 else bits.float()
     return torch.tensor(list(bits), dtype=torch.float32)
 
 
@@ -77,7 +78,7 @@ def weight_bits_total(layers: Sequence[LayerGeometry], weight_bits: BitsLike,
     the learned-range paper's Table 2 counts it)."""
     b = _as_tensor(weight_bits)
     n = torch.tensor([g.weight_numel + (g.bias_numel if count_bias else 0) for g in layers],
-                     dtype=torch.float32)
+                     dtype=b.dtype, device=b.device)
     return (n * b).sum()
 
 
@@ -105,9 +106,9 @@ def activation_kb(act_numel: Sequence[int], act_bits: BitsLike, reduce: str = "s
     largest single feature map (learned-range paper, constraints 8b/8c).
     """
     b = _as_tensor(act_bits)
-    kb = torch.tensor(list(act_numel), dtype=torch.float32) * b / 8.0 / 1024.0
+    kb = torch.tensor(list(act_numel), dtype=b.dtype, device=b.device) * b / 8.0 / 1024.0
     if kb.numel() == 0:
-        return torch.zeros(())
+        return torch.zeros((), device=b.device)
     if reduce == "sum":
         return kb.sum()
     if reduce == "max":
@@ -117,5 +118,6 @@ def activation_kb(act_numel: Sequence[int], act_bits: BitsLike, reduce: str = "s
 
 def bops(layers: Sequence[LayerGeometry], weight_bits: BitsLike, act_bits: BitsLike) -> torch.Tensor:
     """Bit operations per sample: ``sum_l MACs_l * b_w,l * b_a,l``."""
-    macs = torch.tensor([g.macs for g in layers], dtype=torch.float64)
-    return (macs * _as_tensor(weight_bits).double() * _as_tensor(act_bits).double()).sum()
+    wb, ab = _as_tensor(weight_bits), _as_tensor(act_bits)
+    macs = torch.tensor([g.macs for g in layers], dtype=torch.float64, device=wb.device)
+    return (macs * wb.double() * ab.to(wb.device).double()).sum()
