@@ -287,9 +287,9 @@ def test_budget_sign_prunes_or_regrows(coef):
 def test_budget_options():
     assert CSQQuantizer.budget_penalty == "signed"
     q, _ = weight_q((2, 2))
-    assert q.budget_weight(100) == 1.0
-    qw, _ = weight_q((2, 2), budget_ratio="weighted")
-    assert qw.budget_weight(100) == 100.0
+    assert q.budget_weight(100) == 100.0  # weighted by default: same model size for every method
+    qu, _ = weight_q((2, 2), budget_ratio="unweighted")
+    assert qu.budget_weight(100) == 1.0
 
 
 def test_reset_round():

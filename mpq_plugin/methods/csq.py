@@ -53,8 +53,9 @@ class CSQOptions(MethodOptions):
         ticket_bits: after ``fix_bits()``: ``hard`` bits ``1[p>0]`` with a sigmoid-surrogate
             gradient (bit-exact freeze), or ``soft`` ``sigmoid(T p)`` as the final official code
             (then ``freeze()`` only approximates the forward).
-        budget_ratio: read by ``mpq_plugin.search``: ``unweighted`` fraction of kept planes over
-            layers (official code) or ``weighted`` by layer size (paper abstract, "model size").
+        budget_ratio: read by ``mpq_plugin.search``: ``weighted`` by layer size (paper abstract,
+            "model size"; the default, so ``Budget(avg_weight_bits=3)`` means the same model size
+            for every method) or ``unweighted`` fraction of kept planes over layers (official code).
         act_clip_init: initial PACT clip ``alpha``; ``None`` = from the first batch (see
             ``act_clip_percentile``); the code uses 10.
         act_clip_percentile: percentile of ``|x|`` of the first batch for ``alpha`` (100 = max).
@@ -66,7 +67,7 @@ class CSQOptions(MethodOptions):
     bit_init: str = "symmetric"
     bit_logit_init: float = 1.0
     ticket_bits: str = "hard"
-    budget_ratio: str = "unweighted"
+    budget_ratio: str = "weighted"
     act_clip_init: Optional[float] = None
     act_clip_percentile: float = 100.0
 
