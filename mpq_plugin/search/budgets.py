@@ -650,3 +650,71 @@ def build_knobs(model: nn.Module, sensitivity: Optional[Mapping[str, float]] = N
             lo, hi = q.spec.bits
             out.append((Knob(i, role, int(lo), int(hi), callable(getattr(q, "force_bits", None)), float(s)), q))
     return out
+
+
+def closest_plan_within_budget(costs: "LayerCosts", learned: Sequence[float], abits: Sequence[float],
+                               ranges: Mapping[int, Tuple[int, int]], limits: Mapping[str, float],
+                               tolerance: float = 0.01) -> Optional[List[int]]:
+    """The integer weight plan closest to ``learned`` that uses the budget (two ILPs, pulp/CBC).
+
+    1. For each constraint ``k`` (linear in weight bits: ``avg_weight_bits``, ``weight_kb``,
+       ``bops``), the largest cost ``U_k`` reachable within every limit; the binding one is the
+       ``k`` with the highest ``U_k / limit_k``.
+    2. Minimize ``sum_l n_l |b_l - learned_l|`` (parameter-weighted bit changes) subject to
+       every limit and ``cost_k >= min(U_k, (1 - tolerance) limit_k)``.
+    Layers not in ``ranges`` keep their learned bits. Returns ``None`` when the solver fails.
+    """
+    import pulp  # type: ignore[import-untyped]
+
+    n = len(costs)
+    ab = np.asarray(abits, dtype=np.float64)
+    coef = {
+        "avg_weight_bits": costs.weight_numel / max(costs.weight_numel.sum(), 1.0),
+        "weight_kb": costs.weight_store / _KB_BITS,
+        "bops": costs.macs * ab,
+    }
+    cands = {i: (list(range(ranges[i][0], ranges[i][1] + 1)) if i in ranges else [int(round(learned[i]))])
+             for i in range(n)}
+
+    def model(name: str):  # fresh problem with one-hot variables and the limits
+        prob = pulp.LpProblem(name, pulp.LpMaximize if name.startswith("max") else pulp.LpMinimize)
+        new_var = getattr(prob, "add_variable", None)
+        x = {(i, b): (new_var(f"x_{i}_{b}", cat=pulp.LpBinary) if new_var is not None
+                      else pulp.LpVariable(f"x_{i}_{b}", cat=pulp.LpBinary))
+             for i in range(n) for b in cands[i]}
+        for i in range(n):
+            prob += pulp.lpSum(x[i, b] for b in cands[i]) == 1
+        cost = {k: pulp.lpSum(float(coef[k][i]) * b * x[i, b] for i in range(n) for b in cands[i]) for k in limits}
+        for k, lim in limits.items():
+            prob += cost[k] <= lim * (1.0 + 1e-9)
+        return prob, x, cost
+
+    def solve(prob) -> bool:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            solver = pulp.PULP_CBC_CMD(msg=False)
+        prob.solve(solver)
+        return pulp.LpStatus[prob.status] == "Optimal"
+
+    best_k, best_u = None, -1.0
+    reach: Dict[str, float] = {}
+    for k, lim in limits.items():
+        prob, _, cost = model(f"max_{k}")
+        prob += cost[k]
+        if not solve(prob):
+            return None
+        reach[k] = float(pulp.value(cost[k]))
+        if reach[k] / lim > best_u:
+            best_k, best_u = k, reach[k] / lim
+    assert best_k is not None
+    prob, x, cost = model("closest")
+    # parameter-weighted bit changes; a tiny quantization-noise term breaks ties (prefer lowering
+    # where a bit is worth least: high bit-widths)
+    prob += pulp.lpSum(float(costs.weight_numel[i]) * (abs(b - float(learned[i])) + 1e-3 * 4.0 ** (-b)) * x[i, b]
+                       for i in range(n) for b in cands[i])
+    prob += cost[best_k] >= min(reach[best_k] * (1.0 - 1e-9), limits[best_k] * (1.0 - tolerance))
+    if not solve(prob):
+        return None
+    return [next(b for b in cands[i] if pulp.value(x[i, b]) > 0.5) for i in range(n)]

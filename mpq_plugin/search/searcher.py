@@ -297,57 +297,38 @@ class MPQSearch:
         self._history.append(rec)
 
     # -- end of search -----------------------------------------------------------------------
-    def _polish_with_ilp(self, costs: LayerCosts, new_w: List[int], new_a: List[int],
+    def _polish_with_ilp(self, costs: LayerCosts, learned: List[float], new_w: List[int], new_a: List[int],
                          pairs: List[Tuple[Any, FakeQuantizer]], moves: Dict[str, int]) -> List[int]:
         """Integer granularity can leave the greedy repair more than ``tolerance`` under a tight
-        budget (a few big layers: no single raise fits). Then solve the exact knapsack as an ILP
-        (pulp/CBC) over each weight bit-width's range, minimizing the
-        quantization noise ``n_l * 4^-b`` (tie-break: stay close to the learned bits). Only for
-        budgets linear in weight bits (avg_weight_bits, weight_kb, bops) and the weighted ratio.
+        budget (a few big layers: no single raise fits). Then find the plan *closest to the
+        learned one* (the hard bits before any repair; fewest parameter-weighted bit changes) whose binding cost is within
+        ``tolerance`` of its limit, or as close as any plan gets (two small ILPs, pulp/CBC).
+        The learned allocation is kept wherever possible: the fill never re-allocates freely.
+        Only for budgets linear in weight bits (avg_weight_bits, weight_kb, bops), weighted ratio.
         """
         assert self.budget is not None
-        keys = {k for k, _ in self.budget.items()}
+        limits = dict(self.budget.items())
         tol = self.controller.tolerance
-        if not keys <= {"avg_weight_bits", "weight_kb", "bops"} or self.budget_ratio != "weighted":
+        if not set(limits) <= {"avg_weight_bits", "weight_kb", "bops"} or self.budget_ratio != "weighted":
             return new_w
         tot = costs.totals(new_w, new_a, self.budget_ratio)
-        if any(tot[k] >= v * (1.0 - tol) for k, v in self.budget.items()):
-            return new_w  # already within tolerance on a binding constraint
+        if any(tot[k] >= v * (1.0 - tol) for k, v in limits.items()):
+            return new_w  # the greedy repair is already within tolerance on a binding constraint
         try:
-            import pulp  # noqa: F401  # type: ignore[import-untyped]
-
-            from mpq_plugin.search.baselines import solve_bit_ilp
+            from mpq_plugin.search.budgets import closest_plan_within_budget
+            plan = closest_plan_within_budget(costs, learned, new_a, {
+                k.layer: (k.lo, k.hi) for k, _ in pairs if k.role == "weight" and k.settable
+            }, limits, tolerance=tol)
         except ImportError:
             log.info("freeze: pulp not installed, skipping the exact fill (pip install mpq_plugin[search])")
             return new_w
-        settable = {k.layer: (k, q) for k, q in pairs if k.role == "weight" and k.settable}
-        ct = cost_tensors(self.model)
-        sens: Dict[str, Dict[int, float]] = {}
-        for i, (name, g) in enumerate(zip(ct.names, ct.geometry)):
-            cur = int(new_w[i])
-            if i in settable:
-                k = settable[i][0]
-                cands = range(k.lo, k.hi + 1)
-                sens[name] = {b: k.sensitivity * g.weight_numel * 4.0 ** (-b) * (1.0 + 1e-3 * abs(b - cur))
-                              for b in cands}
-            else:
-                sens[name] = {cur: 0.0}
-        try:
-            bits, status = solve_bit_ilp(sens, ct.geometry, self.budget,
-                                         act_bits=[int(a) if a < 32 else None for a in new_a])
-        except ValueError as e:
-            log.info("freeze: exact fill skipped (%s)", e)
+        if plan is None or plan == [int(w) for w in new_w]:
             return new_w
-        cand = [int(bits[n]) for n in ct.names]
-        new_tot = costs.totals(cand, new_a, self.budget_ratio)
-        fits = all(new_tot[k] <= v * (1.0 + 1e-9) for k, v in self.budget.items())
-        better = all(new_tot[k] >= tot[k] for k, _ in self.budget.items())
-        if status.lower().startswith("optimal") and fits and better and cand != list(new_w):
-            moves["raised"] += sum(max(c - int(w), 0) for c, w in zip(cand, new_w))
-            moves["lowered"] += sum(max(int(w) - c, 0) for c, w in zip(cand, new_w))
-            log.info("freeze: exact fill moved the plan from %s to %s", tot, new_tot)
-            return cand
-        return new_w
+        new_tot = costs.totals(plan, new_a, self.budget_ratio)
+        moves["raised"] = sum(max(c - int(round(w)), 0) for c, w in zip(plan, learned))
+        moves["lowered"] = sum(max(int(round(w)) - c, 0) for c, w in zip(plan, learned))
+        log.info("freeze: exact fill moved the plan from %s to %s", tot, new_tot)
+        return plan
 
     def freeze(self, strict: bool = True, *, repair: bool = True, fill: Optional[bool] = None,
                sensitivity: Optional[Mapping[str, float]] = None, rel_tol: float = 1e-6) -> BitPlan:
@@ -379,7 +360,7 @@ class MPQSearch:
             new_w, new_a, moves = plan_repair(costs, wb, ab, knobs, self.budget, budget_ratio=self.budget_ratio,
                                               rel_tol=rel_tol, fill=fill, tolerance=self.controller.tolerance)
             if fill is not False:
-                new_w = self._polish_with_ilp(costs, new_w, new_a, pairs, moves)
+                new_w = self._polish_with_ilp(costs, wb, new_w, new_a, pairs, moves)
             for knob, q in pairs:
                 old = int(round(wb[knob.layer] if knob.role == "weight" else ab[knob.layer]))
                 new = new_w[knob.layer] if knob.role == "weight" else new_a[knob.layer]
