@@ -113,7 +113,7 @@ def test_bit_width_within_range_and_plan(method: str) -> None:
     model = _quantized(method)
     for _, layer in quant_layers(model):
         lo, hi = layer.weight_quantizer.spec.bits
-        b = float(layer.weight_quantizer.bit_width())
+        b = float(layer.weight_quantizer.bit_width().detach())
         assert lo - 1e-6 <= b <= hi + 1e-6
     plan = mpq_plugin.freeze(model)
     for lb in plan.values():

@@ -40,6 +40,7 @@ from mpq_plugin.search.schedules import (
     warmup,
 )
 from mpq_plugin.search.searcher import MPQSearch
+from mpq_plugin.search.trainer import FitConfig, FitResult, TrainingDiverged, fit
 
 __all__ = [
     "BUDGET_KEYS",
@@ -49,7 +50,10 @@ __all__ = [
     "BudgetController",
     "BudgetError",
     "BudgetPenalty",
+    "FitConfig",
+    "FitResult",
     "MPQSearch",
+    "TrainingDiverged",
     "Schedule",
     "bin_regularization",
     "check_budget",
@@ -59,6 +63,7 @@ __all__ = [
     "cosine",
     "entropy_aware_bin_regularization",
     "exponential",
+    "fit",
     "hinge",
     "hinge_sq",
     "kd_loss",
