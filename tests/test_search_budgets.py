@@ -34,62 +34,8 @@ from mpq_plugin.search.budgets import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- a test-only quantizer with a learnable bit-width ----------------------------------------------
-@dataclass(frozen=True)
-class _Opts(MethodOptions):
-    budget_ratio: str = "weighted"
-
-
-class _LearnableBits(FakeQuantizer):
-    """Float bit-width ``b`` (a parameter), hard bits ``round(b)``; output interpolates the two
-    neighbouring integer quantizers."""
-
-    budget_penalty = "hinge_sq"
-
-    def __init__(self, spec, options=None):
-        super().__init__(spec, options)
-        self.b = nn.Parameter(torch.tensor(float(spec.bits[1])))
-        self.register_buffer("amax", torch.tensor(1.0))
-
-    def initialize(self, x):
-        self.amax.copy_(x.abs().max().clamp_min(1e-8))
-
-    def bit_width(self):
-        return self.b.clamp(*self.spec.bits)
-
-    def _q(self, x, bits):
-        qmin, qmax = int_range(bits, self.signed)
-        return fake_quantize(x, self.amax / qmax.clamp_min(1.0), 0.0, qmin, qmax)
-
-    def quantize(self, x):
-        b = self.bit_width()
-        lo = math.floor(float(b.detach()))
-        frac = b - lo
-        return (1 - frac) * self._q(x, lo) + frac * self._q(x, min(lo + 1, self.spec.bits[1]))
-
-    def fix_bits(self):
-        with torch.no_grad():
-            self.b.copy_(torch.round(self.bit_width()))
-        super().fix_bits()
-
-    def force_bits(self, bits):
-        with torch.no_grad():
-            self.b.fill_(float(bits))
-
-    def freeze(self, x=None):
-        bits = int(self.hard_bit_width())
-        qmin, qmax = int_range(bits, self.signed)
-        s = (self.amax / qmax.clamp_min(1.0)).detach()
-        codes = quantize_codes(x, s, 0.0, qmin, qmax) if x is not None else None
-        return QuantState(bits, self.signed, s, torch.zeros((), dtype=torch.int64), codes)
+from tests.learnable_bits import LearnableBits as _LearnableBits, Opts as _Opts  # noqa: E402
 
 
 @pytest.fixture

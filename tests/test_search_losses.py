@@ -18,14 +18,6 @@ from mpq_plugin.search.losses import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- slow loop references ------------------------------------------------------------------------------
 def br_loop(w, codes, scale, zp=0.0, axis=None):
     """ICCV 2021 BR, one bin at a time (per channel and code when ``scale`` has channels)."""

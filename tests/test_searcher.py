@@ -19,72 +19,7 @@ from mpq_plugin.search import BudgetError, MPQSearch
 from mpq_plugin.search.searcher import _sync_floats
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-# -- test-only quantizers ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Opts(MethodOptions):
-    budget_ratio: str = "weighted"
-
-
-class _LearnableBits(FakeQuantizer):
-    """Float bit-width ``b`` (a parameter), hard bits ``round(b)``; the output interpolates the
-    two neighbouring integer quantizers, so the task loss has a gradient to ``b``."""
-
-    budget_penalty = "hinge_sq"
-
-    def __init__(self, spec, options=None):
-        super().__init__(spec, options)
-        self.b = nn.Parameter(torch.tensor(float(spec.bits[1])))
-        self.register_buffer("amax", torch.tensor(1.0))
-        self.progress_seen = None
-
-    def initialize(self, x):
-        self.amax.copy_(x.abs().max().clamp_min(1e-8))
-
-    def set_progress(self, progress):
-        self.progress_seen = progress
-
-    def bit_width(self):
-        return self.b.clamp(*self.spec.bits)
-
-    def _q(self, x, bits):
-        qmin, qmax = int_range(bits, self.signed)
-        return fake_quantize(x, self.amax / qmax.clamp_min(1.0), 0.0, qmin, qmax)
-
-    def quantize(self, x):
-        b = self.bit_width()
-        lo = math.floor(float(b.detach()))
-        frac = b - lo
-        return (1 - frac) * self._q(x, lo) + frac * self._q(x, min(lo + 1, self.spec.bits[1]))
-
-    def fix_bits(self):
-        with torch.no_grad():
-            self.b.copy_(torch.round(self.bit_width()))
-        super().fix_bits()
-
-    def force_bits(self, bits):
-        with torch.no_grad():
-            self.b.fill_(float(bits))
-
-    def freeze(self, x=None):
-        bits = int(self.hard_bit_width())
-        qmin, qmax = int_range(bits, self.signed)
-        s = (self.amax / qmax.clamp_min(1.0)).detach()
-        codes = quantize_codes(x, s, 0.0, qmin, qmax) if x is not None else None
-        return QuantState(bits, self.signed, s, torch.zeros((), dtype=torch.int64), codes)
-
-
-class _NoRepair(_LearnableBits):
-    """Same, without the optional ``force_bits`` hook."""
-
-    force_bits = None
+from tests.learnable_bits import LearnableBits as _LearnableBits, NoRepair as _NoRepair, Opts as _Opts  # noqa: E402
 
 
 @pytest.fixture
@@ -289,7 +224,7 @@ def test_freeze_without_repair_hook_raises_budget_error(norepair, caplog):
     with pytest.raises(BudgetError) as err:
         s.freeze(strict=True)
     msg = str(err.value)
-    assert "avg_weight_bits = 8 > limit 4" in msg and "_NoRepair" in msg and "force_bits" in msg
+    assert "avg_weight_bits = 8 > limit 4" in msg and "NoRepair" in msg and "force_bits" in msg
     assert err.value.violations == {"avg_weight_bits": (8.0, 4.0)}
     assert err.value.plan is not None and err.value.plan.cost["slack_avg_weight_bits"] == -4.0
     m2, _, _ = _setup(norepair, budget=Budget(avg_weight_bits=4.0))
