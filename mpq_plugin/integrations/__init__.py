@@ -1,0 +1,2 @@
+"""Adapters to host quantization frameworks (torch.ao, torchao). Each submodule imports its host
+library itself, so ``import mpq_plugin`` never pulls them in."""
