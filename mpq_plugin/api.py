@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mpq_plugin.config import Budget, BitPlan, LayerBits, MPQConfig
-from mpq_plugin.nn.costing import cost_tensors, model_cost
+from mpq_plugin.nn.costing import cost_tensors, model_cost, quant_sites
 from mpq_plugin.nn.fake_quantizer import FakeQuantizer, QuantizerSpec
 from mpq_plugin.nn.layers import QUANT_LAYER_TYPES, quant_layers, to_float, wrap_layer
 from mpq_plugin.nn.matching import LayerSettings, resolve_layer
@@ -139,13 +139,14 @@ def freeze(model: nn.Module) -> BitPlan:
     config has a budget, the slack per constraint (``slack_<name>`` = limit - achieved).
     """
     layers: Dict[str, LayerBits] = {}
-    for name, layer in quant_layers(model):
+    sites = dict(quant_sites(model))  # own layers and host-placed ones (torch.ao, PT2E)
+    for name, layer in sites.items():
         layer.weight_quantizer.fix_bits()
         if layer.input_quantizer is not None:
             layer.input_quantizer.fix_bits()
     cost = model_cost(model)
     for name, info in cost["layers"].items():  # type: ignore[union-attr]
-        aq = dict(quant_layers(model))[name].input_quantizer
+        aq = sites[name].input_quantizer
         layers[name] = LayerBits(int(round(info["weight_bits"])),
                                  int(round(info["act_bits"])) if aq is not None else None,
                                  int(info["weight_params"]))

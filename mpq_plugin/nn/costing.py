@@ -6,16 +6,59 @@ back-propagate into learned bit-widths; ``model_cost`` is its plain-number repor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from mpq_plugin.core import cost as C
 from mpq_plugin.core.cost import LayerGeometry
+from mpq_plugin.nn.fake_quantizer import FakeQuantizer
 from mpq_plugin.nn.layers import QuantEmbedding, quant_layers
 
 FLOAT_BITS = 32.0
+
+
+@dataclass
+class QuantSite:
+    """A quantized layer that is not an mpq_plugin ``QuantLayer`` (e.g. a torch.ao QAT module
+    holding our fake-quant), as a cost provider reports it. It has what costing and the search
+    read from a quantized layer: ``weight_quantizer``, ``input_quantizer`` and ``geometry(name)``
+    (lazy: shapes may only be known after a forward pass, so it may raise ``RuntimeError``)."""
+
+    weight_quantizer: FakeQuantizer
+    input_quantizer: Optional[FakeQuantizer]
+    geometry_fn: Callable[[str], LayerGeometry]
+    is_embedding: bool = False
+
+    def geometry(self, name: str = "") -> LayerGeometry:
+        return self.geometry_fn(name)
+
+
+CostProvider = Callable[[nn.Module], Iterable[Tuple[str, QuantSite]]]
+_COST_PROVIDERS: List[CostProvider] = []
+
+
+def register_cost_provider(fn: CostProvider) -> CostProvider:
+    """Let costing and the search see quantized layers that a host framework placed:
+    ``fn(model)`` yields ``(name, QuantSite)`` pairs. Idempotent; usable as a decorator."""
+    if fn not in _COST_PROVIDERS:
+        _COST_PROVIDERS.append(fn)
+    return fn
+
+
+def quant_sites(model: nn.Module) -> Iterator[Tuple[str, object]]:
+    """``(name, layer)`` for every quantized layer: mpq_plugin's own ``QuantLayer`` modules, then
+    the sites of each registered cost provider (a weight quantizer is reported once)."""
+    seen = set()
+    for name, layer in quant_layers(model):
+        seen.add(id(layer.weight_quantizer))
+        yield name, layer
+    for fn in _COST_PROVIDERS:
+        for name, site in fn(model):
+            if id(site.weight_quantizer) not in seen:
+                seen.add(id(site.weight_quantizer))
+                yield name, site
 
 
 @dataclass
@@ -50,13 +93,13 @@ def cost_tensors(model: nn.Module, bits: str = "current") -> CostTensors:
             ends, for feasibility checks).
     """
     names, geoms, wbits, abits, act_layers = [], [], [], [], []
-    for i, (name, layer) in enumerate(quant_layers(model)):
+    for i, (name, layer) in enumerate(quant_sites(model)):
         names.append(name)
         geoms.append(layer.geometry(name))
         wbits.append(_bits(layer.weight_quantizer, bits))
         aq = layer.input_quantizer
         abits.append(_bits(aq, bits) if aq is not None else torch.tensor(FLOAT_BITS))
-        if not isinstance(layer, QuantEmbedding):
+        if not (isinstance(layer, QuantEmbedding) or getattr(layer, "is_embedding", False)):
             act_layers.append(i)
     if not names:
         raise ValueError("the model has no quantized layer; call mpq_plugin.quantize_(model, config) first")

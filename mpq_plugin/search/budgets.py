@@ -37,8 +37,8 @@ from torch import nn
 
 from mpq_plugin.config import BitPlan, Budget
 from mpq_plugin.nn.costing import FLOAT_BITS, CostTensors, cost_tensors
+from mpq_plugin.nn.costing import quant_sites as quant_layers  # own layers + host-placed sites
 from mpq_plugin.nn.fake_quantizer import FakeQuantizer
-from mpq_plugin.nn.layers import quant_layers
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from torch import nn
 from mpq_plugin.config import BitPlan, Budget
 from mpq_plugin.nn.costing import cost_tensors
 from mpq_plugin.nn.fake_quantizer import FakeQuantizer
-from mpq_plugin.nn.layers import quant_layers
+from mpq_plugin.nn.costing import quant_sites as quant_layers  # own layers + host-placed sites
 from mpq_plugin.search.budgets import (
     BUDGET_RATIOS,
     DEFAULT_LAMBDA,

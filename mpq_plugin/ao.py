@@ -1,0 +1,19 @@
+"""``mpq_plugin.ao``: the torch.ao (eager/FX) and PT2E fake-quant integration; see
+:mod:`mpq_plugin.integrations.torch_ao`. Importing it imports torch.ao (and torchao if installed)."""
+from mpq_plugin.integrations import torch_ao as _impl
+from mpq_plugin.integrations.torch_ao import *  # noqa: F401,F403
+from mpq_plugin.integrations.torch_ao import (  # noqa: F401
+    MPQFakeQuantize,
+    fake_quantize_class,
+    get_mpq_qat_qconfig,
+    get_mpq_qat_qconfig_mapping,
+    init_mpq_fake_quants,
+    mpq_fake_quants,
+    weight_seen_by_fake_quant,
+)
+
+__all__ = list(_impl.__all__)
+
+
+def __getattr__(name: str):  # fake-quant classes of methods registered later
+    return getattr(_impl, name)

@@ -1,0 +1,10 @@
+"""``mpq_plugin.pt2e``: torchao PT2E quantization configs, :class:`MPQQuantizer` and
+:func:`convert_mpq_pt2e` (see :mod:`mpq_plugin.integrations.pt2e`). Importing it imports torchao."""
+from mpq_plugin.integrations.pt2e import (  # noqa: F401
+    MPQQuantizer,
+    convert_mpq_pt2e,
+    get_mpq_quantization_config,
+    init_mpq_pt2e,
+)
+
+__all__ = ["MPQQuantizer", "convert_mpq_pt2e", "get_mpq_quantization_config", "init_mpq_pt2e"]
