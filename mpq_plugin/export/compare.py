@@ -99,4 +99,12 @@ def compare(model: nn.Module, bundle: Bundle, x: torch.Tensor) -> Agreement:
     ok = ~settled
     return Agreement(samples=n, code_mismatches=mism, unexplained=unexplained,
                      max_abs_logit_diff=float(np.max(np.abs(yf - yi)[ok], initial=0.0)),
-                     argmax_agreement=int((yf.argmax(1) == yi.argmax(1)).sum()))
+                     argmax_agreement=_argmax_agreement(yf, yi))
+
+
+def _argmax_agreement(a: np.ndarray, b: np.ndarray) -> int:
+    """Samples whose argmax agrees: over axis 1 for ``(N, C[, H, W])`` outputs; for token outputs
+    ``(N, T, F)`` of a token-wise graph over the features of every token (all tokens must agree)."""
+    if a.ndim == 3:
+        return int((a.argmax(-1) == b.argmax(-1)).all(axis=1).sum())
+    return int((a.argmax(1) == b.argmax(1)).reshape(a.shape[0], -1).all(axis=1).sum())

@@ -22,6 +22,9 @@ from mpq_plugin.export.plan import Bundle
 from mpq_plugin.export.thresholds import apply_thresholds
 
 
+_TOKEN_WISE = ("quant_linear", "relu")
+
+
 class WidthOverflowError(OverflowError):
     """A value left the width the bundle declares for it (names the layer)."""
 
@@ -100,9 +103,27 @@ class IntegerExecutor:
         return self.run_codes(self.quantize_input(x))
 
     # -- integer pipeline -------------------------------------------------------------------
+    def token_wise(self) -> bool:
+        """Every op acts on the last axis only (Linear/ReLU chains: MLP blocks, attention
+        projections), so inputs ``(batch, tokens, ..., features)`` run token by token."""
+        return all(e["op"] in _TOKEN_WISE for e in self.bundle.manifest["graph"])
+
     def run_codes(self, codes: np.ndarray) -> Trace:
-        b, arrays = self.bundle, self.bundle.arrays
+        """Run on integer input codes. A token-wise graph (:meth:`token_wise`) takes any number
+        of leading axes, as ``nn.Linear`` does: they are folded into the batch and restored."""
         v = np.asarray(codes, dtype=np.int64)
+        if v.ndim > 2 and self.token_wise():
+            lead = v.shape[:-1]
+            t = self._run_codes(v.reshape(-1, v.shape[-1]))
+            fold = lambda a: a.reshape(*lead, *a.shape[1:])  # noqa: E731
+            return Trace(output=fold(t.output), output_float=fold(t.output_float),
+                         codes={k: fold(a) for k, a in t.codes.items()},
+                         accumulators={k: fold(a) for k, a in t.accumulators.items()},
+                         requant_values={k: fold(a) for k, a in t.requant_values.items()})
+        return self._run_codes(v)
+
+    def _run_codes(self, v: np.ndarray) -> Trace:
+        b, arrays = self.bundle, self.bundle.arrays
         trace_codes: Dict[str, np.ndarray] = {}
         accs: Dict[str, np.ndarray] = {}
         pre: Dict[str, np.ndarray] = {}

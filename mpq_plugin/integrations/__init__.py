@@ -1,2 +1,2 @@
-"""Adapters to host quantization frameworks (torch.ao, torchao). Each submodule imports its host
+"""Adapters to host frameworks (torch.ao, torchao, ...). Each submodule imports its host
 library itself, so ``import mpq_plugin`` never pulls them in."""
