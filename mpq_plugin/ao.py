@@ -12,7 +12,19 @@ from mpq_plugin.integrations.torch_ao import (  # noqa: F401
     weight_seen_by_fake_quant,
 )
 
-__all__ = list(_impl.__all__)
+from mpq_plugin.integrations.ao_convert import (  # noqa: F401,E402
+    FrozenActivation,
+    FrozenWeight,
+    apply_torchao_weights,
+    convert_mpq,
+    kernel_table_markdown,
+    torchao_inference_configs,
+)
+
+from mpq_plugin.integrations.tracing import prepare_mpq_qat_fx  # noqa: F401,E402
+
+__all__ = list(_impl.__all__) + ["prepare_mpq_qat_fx", "FrozenActivation", "FrozenWeight", "apply_torchao_weights", "convert_mpq", "kernel_table_markdown",
+                                 "torchao_inference_configs"]
 
 
 def __getattr__(name: str):  # fake-quant classes of methods registered later

@@ -7,4 +7,6 @@ from mpq_plugin.integrations.pt2e import (  # noqa: F401
     init_mpq_pt2e,
 )
 
-__all__ = ["MPQQuantizer", "convert_mpq_pt2e", "get_mpq_quantization_config", "init_mpq_pt2e"]
+from mpq_plugin.integrations.tracing import export_for_mpq_qat  # noqa: F401,E402
+
+__all__ = ["MPQQuantizer", "export_for_mpq_qat", "convert_mpq_pt2e", "get_mpq_quantization_config", "init_mpq_pt2e"]

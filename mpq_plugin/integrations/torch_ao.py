@@ -147,6 +147,7 @@ class MPQFakeQuantize(*_BASES):  # type: ignore[misc]
         self.is_dynamic = False
         self._in_shape: Optional[Tuple[int, ...]] = None  # per-sample shape of the last input (act)
         self.quantizer: Optional[FakeQuantizer] = None
+        self._mpq_train_steps = 0  # training forwards seen (convert_mpq warns when frozen untrained)
         if not self._needs_tensor:
             self.quantizer = self._build(None)
 
@@ -184,6 +185,8 @@ class MPQFakeQuantize(*_BASES):  # type: ignore[misc]
             self.materialize(x.detach())
         if self.role == "act":
             self._in_shape = tuple(x.shape[1:])
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._mpq_train_steps = self.__dict__.get("_mpq_train_steps", 0) + 1
         if self.fake_quant_enabled[0] == 0:
             if self.observer_enabled[0] == 1 and not bool(self.quantizer.initialized):
                 self.quantizer._initialize_from(x)
@@ -248,8 +251,8 @@ class MPQFakeQuantize(*_BASES):  # type: ignore[misc]
             raise RuntimeError(f"{type(self).__name__} has not seen data yet: run a forward pass first")
         if self.quant_max - self.quant_min + 1 < 256 and _called_from_torch_ao_convert():
             warnings.warn(f"torch.ao convert lowers {self.method} {self.role} fake-quants to int8 kernels, which lose "
-                          f"the learned {self.quant_min}..{self.quant_max} range (numerics change); export with "
-                          "mpq_plugin.pt2e.convert_mpq_pt2e (PT2E) or mpq_plugin's own export instead", UserWarning,
+                          f"the learned {self.quant_min}..{self.quant_max} range (numerics change); use "
+                          "mpq_plugin.ao.convert_mpq (eager/FX, exact) or mpq_plugin.pt2e.convert_mpq_pt2e (PT2E)", UserWarning,
                           stacklevel=3)
         scale = st.scale.detach().float().reshape(-1)
         zp = st.zero_point.detach().round().to(torch.int32).reshape(-1)

@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
+import torch
 from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
@@ -100,4 +101,12 @@ def _mpq_qat_transform(module: nn.Module, config: MPQQATConfig, *, parameter_nam
     check_finite_weights(module)
     act = None if isinstance(module, nn.Embedding) else cfg.act_bits
     wq, aq = _layer_quantizers(module, LayerSettings(cfg.weight_bits, act), cfg)  # type: ignore[arg-type]
-    return wrap_layer(module, wq, aq)
+    layer = wrap_layer(module, wq, aq)
+    layer._mpq_train_steps = 0  # training forwards (convert_mpq warns when frozen untrained)
+    layer.register_forward_pre_hook(_count_training_forward)
+    return layer
+
+
+def _count_training_forward(module: nn.Module, args: Any) -> None:
+    if module.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        module._mpq_train_steps = module.__dict__.get("_mpq_train_steps", 0) + 1
