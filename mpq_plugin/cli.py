@@ -471,7 +471,7 @@ class _Runner:
         common = dict(per_channel=template.per_channel, include=template.include, exclude=template.exclude)
         lo, hi = template.weight_bits
         bits = B.uniform_bits_for_budget(float_model, budget, act_bits=act, example_inputs=example,
-                                         config=template.replace(method="lsq", act_bits=act),
+                                         config=template.replace(method="lsq", act_bits=act, options={}),
                                          min_bits=max(lo, 2), max_bits=min(hi, 8))
         if "lsq" in exp.baselines:
             qcfg = B.uniform_config(bits, act_bits=act, budget=budget, **common)

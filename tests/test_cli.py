@@ -308,3 +308,14 @@ def test_dataset_errors() -> None:
         load_digits_arrays("cifar10")
     with pytest.raises(ValueError, match="batch_size"):
         load_digits_loaders(batch_size=0)
+
+
+def test_demo_with_csq_only_and_no_baselines_runs(tmp_path) -> None:
+    """A searched method's own options (CSQ's budget_ratio) must not leak into the LSQ config
+    used to size the uniform baseline (regression)."""
+    from mpq_plugin import cli
+
+    code = cli.main(["demo", "--quick", "--methods", "csq", "--baselines", "--no-plots",
+                     "--run-dir", str(tmp_path / "run")])
+    assert code in (0, None)
+    assert (tmp_path / "run" / "report.json").exists()

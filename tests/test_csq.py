@@ -157,6 +157,28 @@ def test_ini2bit_symmetric_soft_init_value():
     torch.testing.assert_close(q(w)[0, 0], torch.tensor(math.tanh(1.0)))  # 127/127 of s = 1, masks protected
 
 
+@pytest.mark.parametrize("logit, flips", [(None, True), (4.0, False)])
+def test_default_bit_init_lets_bits_flip(logit, flips):
+    """Bits must stay trainable under an annealed T: fitting -w needs every nonzero code to change
+    sign. With the default small logit most codes get there in 60 Adam steps; |p| = 4 (the former default)
+    saturates sigmoid(T p) and no bit moves (the cause of CSQ's poor mpq demo accuracy)."""
+    opts = {} if logit is None else {"bit_logit_init": logit}
+    q, w = weight_q((8, 8), bits=(2, 4), seed=5, **opts)
+    before = loop_codes(q)
+    opt = torch.optim.Adam([q.p, q.n], lr=1e-2)
+    steps = 60
+    for t in range(steps):
+        q.set_progress(0.5 * t / steps)  # T from 1 to sqrt(200), as the first half of a search
+        loss = (q(w) + w).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = loop_codes(q)
+    nz = before != 0
+    flipped = float((torch.sign(after[nz]) == -torch.sign(before[nz])).float().mean())
+    assert (flipped > 0.5) if flips else (flipped == 0.0), flipped
+
+
 def test_all_zero_weight():
     q, w = weight_q((3, 3), w=torch.zeros(3, 3))
     q.fix_bits()

@@ -46,14 +46,19 @@ class CSQOptions(MethodOptions):
         temp_steps: 0 = ``T`` follows every ``set_progress`` call (continuous); ``k > 0`` = ``T``
             changes only ``k`` times over the search (the code's once-per-epoch staircase with
             ``k`` = ticket epochs).
-        mask_init: initial mask logit ``mu``. Default 3 (soft mask 0.95): mpq_plugin starts
-            from a trained float model, and the code's 0 (mask 0.5) with bit logits 1/0 makes the
-            initial soft weight ~0.23x the float weight (93% -> 10% accuracy on digits before
-            any training; the code trains from scratch and BN absorbs it). Code value: 0.
+        mask_init: initial mask logit ``mu``. Default 3 (soft mask 0.95, every plane starts
+            clearly kept, so the budget term alone decides what to prune). Code value: 0.
         bit_init: ``symmetric``: set bits get logit ``+bit_logit_init``, cleared bits
             ``-bit_logit_init``; ``code``: ``bit_logit_init`` / 0 as the official code (1 / 0).
-        bit_logit_init: magnitude of the initial bit logits (default 4: sigmoid(4)-sigmoid(-4)
-            = 0.96 of a set bit at T = 1; code value: 1).
+        bit_logit_init: magnitude of the initial bit logits (default 0.05). Bits must start
+            near their threshold so they can still flip: the gradient ``T sigmoid'(T p)``
+            vanishes once ``T |p| >> 1`` and an Adam step moves ``p`` by about ``lr``. With
+            ``|p| = 4`` no bit ever flipped in a 600-step search (lr 2e-3, ``T = 200^progress``)
+            and pruned layers kept their truncated ``ini2bit`` codes (SmallCNN/MNIST at 3 bits:
+            77% vs 92% with 0.05). The official code's logits also start at the threshold
+            (cleared bits 0, set bits 1). The initial soft weight is small (``~0.025 x`` the float weight at
+            ``T = 1``): BatchNorm absorbs it in training, but eval-mode accuracy right after
+            ``quantize_`` (running statistics of the float model) is near chance.
         ticket_bits: after ``fix_bits()``: ``hard`` bits ``1[p>0]`` with a sigmoid-surrogate
             gradient (bit-exact freeze), or ``soft`` ``sigmoid(T p)`` as the final official code
             (then ``freeze()`` only approximates the forward).
@@ -69,7 +74,7 @@ class CSQOptions(MethodOptions):
     temp_steps: int = 0
     mask_init: float = 3.0
     bit_init: str = "symmetric"
-    bit_logit_init: float = 4.0
+    bit_logit_init: float = 0.05
     ticket_bits: str = "hard"
     budget_ratio: str = "weighted"
     act_clip_init: Optional[float] = None
