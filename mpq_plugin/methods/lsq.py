@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from mpq_plugin.config import MethodOptions
-from mpq_plugin.core.affine import fake_quantize, int_range, quantize_codes, reshape_for_axis
+from mpq_plugin.core.affine import int_range, quantize_codes, reshape_for_axis
 from mpq_plugin.core.state import QuantState
+from mpq_plugin.kernels import fake_quantize as kernel_fake_quantize
 from mpq_plugin.core.ste import ROUNDING_MODES, grad_scale
 from mpq_plugin.nn.fake_quantizer import FakeQuantizer, QuantizerSpec
 from mpq_plugin.registry import register_method
@@ -92,7 +93,7 @@ class LSQQuantizer(FakeQuantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self._range()
-        return fake_quantize(x, self._scale(x), 0.0, qmin, qmax, self.options.rounding)
+        return kernel_fake_quantize(x, self._scale(x), 0.0, qmin, qmax, self.options.rounding)
 
     def bit_width(self) -> torch.Tensor:
         return torch.tensor(float(self.bits), device=self.step.device)
