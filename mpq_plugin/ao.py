@@ -22,8 +22,9 @@ from mpq_plugin.integrations.ao_convert import (  # noqa: F401,E402
 )
 
 from mpq_plugin.integrations.tracing import prepare_mpq_qat_fx  # noqa: F401,E402
+from mpq_plugin.integrations.observer import MPQObserver  # noqa: F401,E402
 
-__all__ = list(_impl.__all__) + ["prepare_mpq_qat_fx", "FrozenActivation", "FrozenWeight", "apply_torchao_weights", "convert_mpq", "kernel_table_markdown",
+__all__ = list(_impl.__all__) + ["MPQObserver", "prepare_mpq_qat_fx", "FrozenActivation", "FrozenWeight", "apply_torchao_weights", "convert_mpq", "kernel_table_markdown",
                                  "torchao_inference_configs"]
 
 

@@ -8,5 +8,6 @@ from mpq_plugin.integrations.pt2e import (  # noqa: F401
 )
 
 from mpq_plugin.integrations.tracing import export_for_mpq_qat  # noqa: F401,E402
+from mpq_plugin.integrations.observer import MPQObserver  # noqa: F401,E402
 
-__all__ = ["MPQQuantizer", "export_for_mpq_qat", "convert_mpq_pt2e", "get_mpq_quantization_config", "init_mpq_pt2e"]
+__all__ = ["MPQObserver", "MPQQuantizer", "export_for_mpq_qat", "convert_mpq_pt2e", "get_mpq_quantization_config", "init_mpq_pt2e"]

@@ -106,6 +106,10 @@ class MPQFakeQuantize(*_BASES):  # type: ignore[misc]
         bits: ``(min, max)`` bits (an int fixes them).
         options: the method's options (a ``MethodOptions`` or a mapping).
         per_channel: per-output-channel weight scales (methods that support them).
+        calibration_batches: with N > 0, the first N forwards only observe (pass ``x`` through) with
+            an :class:`~mpq_plugin.integrations.observer.MPQObserver`, which then initializes the
+            quantizer (MSE-optimal range, starting bit-width); 0 (default) initializes from the
+            first batch.
 
     The host reads ``quant_min``, ``quant_max``, ``dtype``, ``qscheme``, ``ch_axis`` and
     ``calculate_qparams()``; they follow the quantizer's *current* hard bit-width, so after
@@ -119,8 +123,13 @@ class MPQFakeQuantize(*_BASES):  # type: ignore[misc]
                  ch_axis: Optional[int] = None, is_dynamic: bool = False, *, method: Optional[str] = None,
                  role: Optional[str] = None, bits: Optional[BitsArg] = None,
                  options: Union[None, MethodOptions, Mapping[str, Any]] = None,
-                 per_channel: bool = False, **kwargs: Any) -> None:
+                 per_channel: bool = False, calibration_batches: int = 0, **kwargs: Any) -> None:
         super().__init__()
+        if int(calibration_batches) < 0:
+            raise ValueError(f"calibration_batches={calibration_batches}; use 0 (initialize from the first batch) or more")
+        self.calibration_batches = int(calibration_batches)
+        self._calib_seen = 0
+        self.__dict__["_calib_observer"] = None  # not a submodule: stays out of state_dict and host scans
         method = method or self.method
         if not method:
             raise ValueError("MPQFakeQuantize needs method=...; or use a per-method class such as SDQFakeQuantize")
@@ -187,6 +196,8 @@ class MPQFakeQuantize(*_BASES):  # type: ignore[misc]
             self._in_shape = tuple(x.shape[1:])
         if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._mpq_train_steps = self.__dict__.get("_mpq_train_steps", 0) + 1
+        if self.calibration_batches and not bool(self.quantizer.initialized):
+            return self._calibrate(x)
         if self.fake_quant_enabled[0] == 0:
             if self.observer_enabled[0] == 1 and not bool(self.quantizer.initialized):
                 self.quantizer._initialize_from(x)
@@ -196,6 +207,18 @@ class MPQFakeQuantize(*_BASES):  # type: ignore[misc]
         if self.role == "act" and isinstance(out, torch.Tensor) and not torch.compiler.is_compiling():
             out._mpq_fq = weakref.ref(self)  # lets the consuming layer find its input quantizer
         return out
+
+    def _calibrate(self, x: torch.Tensor) -> torch.Tensor:
+        from mpq_plugin.integrations.observer import MPQObserver
+
+        if self._calib_observer is None:
+            self.__dict__["_calib_observer"] = MPQObserver(dtype=torch.qint8 if self.role == "weight" else torch.quint8)
+        self._calib_observer(x)
+        self._calib_seen += 1
+        if self._calib_seen >= self.calibration_batches:
+            self._calib_observer.initialize(self.quantizer)
+            self.__dict__["_calib_observer"] = None
+        return x
 
     # -- what the hosts read -------------------------------------------------------------------
     def _state(self):  # the quantizer's frozen description (scale, zero point, bits, signedness)
