@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training_loop import train_steps
+
 tq = pytest.importorskip("torch.ao.quantization")
 
 import mpq_plugin  # noqa: E402
@@ -48,19 +50,7 @@ def _fx(method: str, x: torch.Tensor, **kw) -> nn.Module:
 
 
 def _train(p: nn.Module, x, y, steps: int, search=None, lr=1e-2):
-    opt = torch.optim.Adam(p.parameters(), lr)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = F.cross_entropy(p(x[idx]), y[idx])
-        if search is not None:
-            loss = loss + search.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if search is not None:
-            search.step()
-    return opt
+    return train_steps(p, x, y, steps, search=search, lr=lr)
 
 
 def _acc(p: nn.Module, x, y) -> float:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training_loop import train_steps
+
 tq = pytest.importorskip("torch.ao.quantization")
 pytest.importorskip("torchao")
 
@@ -67,20 +69,7 @@ def digits():
 
 
 def _train(p: nn.Module, x, y, steps: int, search=None, opt=None, lr=1e-2):
-    opt = opt or torch.optim.Adam([q for q in p.parameters() if q.requires_grad], lr)
-    g = torch.Generator().manual_seed(0)
-    p.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = F.cross_entropy(p(x[idx]), y[idx])
-        if search is not None:
-            loss = loss + search.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if search is not None:
-            search.step()
-    return opt
+    return train_steps(p, x, y, steps, search=search, lr=lr, opt=opt, set_train_mode=True)
 
 
 def _acc(p: nn.Module, x, y) -> float:
