@@ -26,15 +26,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "configs" / "demo_search.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread (and the demo uses one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_config(tmp_path: Path, **changes) -> dict:
     cfg = yaml.safe_load(EXAMPLE.read_text())
     cfg["run_dir"] = str(tmp_path / "run")

@@ -21,14 +21,6 @@ KW = {"num_classes": 10, "channels": [4, 8]}
 BITS = {"features.0": 5, "features.3": 3, "fc": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _trained_like(model: torch.nn.Module, seed: int = 0) -> None:
     """Non-trivial BN statistics and biases, so BN folding and bias export matter."""
     g = torch.Generator().manual_seed(seed)

@@ -24,15 +24,6 @@ from mpq_plugin.search.trainer import (
 SEARCHING = [m for m in mpq_plugin.list_methods() if get_method(m).quantizer_cls.searches_bits]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Net(nn.Module):
     """Conv-BN-ReLU, dropout (so the RNG state matters), linear head."""
 
