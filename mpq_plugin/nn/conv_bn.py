@@ -78,24 +78,28 @@ class _ConvBnMixin:
         return conv, self.bn
 
 
-class ConvBn1d(_ConvBnMixin, nn.Conv1d):
+class _FloatConvBn(_ConvBnMixin):
+    """Constructor and ``bn(conv(x))`` forward of the float ConvBn layers (``_bn_cls`` picks the BN)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,  # type: ignore[call-arg]
+                         groups, bias, padding_mode, device=device, dtype=dtype)
+        self.bn = self._bn_cls(out_channels, eps, momentum, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self._conv_forward(x, self.weight, self.bias))  # type: ignore[attr-defined]
+
+
+class ConvBn1d(_FloatConvBn, nn.Conv1d):
     """``nn.Conv1d`` followed by its ``nn.BatchNorm1d`` (child ``bn``); forward ``bn(conv(x))``."""
 
     _conv_cls = nn.Conv1d
     _bn_cls = nn.BatchNorm1d
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
-                 eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None, dtype=None) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, padding_mode, device=device, dtype=dtype)
-        self.bn = nn.BatchNorm1d(out_channels, eps, momentum, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self._conv_forward(x, self.weight, self.bias))
-
-
-class ConvBn2d(_ConvBnMixin, nn.Conv2d):
+class ConvBn2d(_FloatConvBn, nn.Conv2d):
     """``nn.Conv2d`` followed by its ``nn.BatchNorm2d`` (child ``bn``); forward ``bn(conv(x))``.
 
     Example:
@@ -108,16 +112,6 @@ class ConvBn2d(_ConvBnMixin, nn.Conv2d):
 
     _conv_cls = nn.Conv2d
     _bn_cls = nn.BatchNorm2d
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
-                 eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None, dtype=None) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, padding_mode, device=device, dtype=dtype)
-        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self._conv_forward(x, self.weight, self.bias))
 
 
 _FUSED_FOR = {nn.Conv1d: (nn.BatchNorm1d, ConvBn1d), nn.Conv2d: (nn.BatchNorm2d, ConvBn2d)}
