@@ -30,12 +30,13 @@ LOOP = textwrap.dedent('''
     from mpq_plugin.nn.layers import quant_layers
     from mpq_plugin.search import MPQSearch
 
-    def main(fp_dir, out_json, method="sdq", micro_batches=8, accum=2):
+    def main(fp_dir, out_json, method="sdq", micro_batches=8, accum=2, share=False):
         torch.set_num_threads(1)
         acc = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=accum, cpu=True)
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(
-            fp_dir, quantization_config=MpqConfig(method=method, budget=3.0, modules_to_not_convert=["classifier"]))
+            fp_dir, quantization_config=MpqConfig(method=method, budget=3.0, modules_to_not_convert=["classifier"],
+                                                  share_qkv_bits=share))
         steps = micro_batches // accum
         search = MPQSearch(model, total_steps=steps)
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3)
@@ -95,8 +96,8 @@ def _loop_module(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("method", ["sdq", "learned_range"])
-def test_accelerate_loop_bf16_accumulation(tmp_path, bert_dir, method):
+@pytest.mark.parametrize("method, share", [("sdq", False), ("learned_range", False), ("sdq", True)])
+def test_accelerate_loop_bf16_accumulation(tmp_path, bert_dir, method, share):
     from accelerate.state import AcceleratorState
 
     import runpy
@@ -104,7 +105,7 @@ def test_accelerate_loop_bf16_accumulation(tmp_path, bert_dir, method):
     ns = runpy.run_path(str(_loop_module(tmp_path)), run_name="loop")
     AcceleratorState._reset_state(True)
     try:
-        ns["main"](str(bert_dir), str(tmp_path / "r.json"), method=method)
+        ns["main"](str(bert_dir), str(tmp_path / "r.json"), method=method, share=share)
     finally:
         AcceleratorState._reset_state(True)
     res = json.loads((tmp_path / "r.json").read_text())
@@ -113,6 +114,10 @@ def test_accelerate_loop_bf16_accumulation(tmp_path, bert_dir, method):
     assert res["dtypes"] == ["torch.float32"]  # accelerate casts bf16-autocast outputs back to fp32
     assert len(res["plan"]) == 13
     assert res["avg_bits"] <= 8.0
+    if share:  # one width per attention block
+        for block in (0, 1):
+            p = f"bert.encoder.layer.{block}.attention.self."
+            assert res["plan"][p + "query"] == res["plan"][p + "key"] == res["plan"][p + "value"]
 
 
 def test_torchrun_two_processes_identical_bits(tmp_path, bert_dir):

@@ -315,6 +315,117 @@ def test_trainer_with_search(tmp_path):
         assert torch.equal(r(x).logits, type(m).forward(m, input_ids=x).logits)
 
 
+class _LabelledIds(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"input_ids": torch.randint(0, 100, (8,), generator=g), "labels": torch.tensor(i % 2)}
+
+
+def _sdq_trainer(tmp_path, steps, **kw):
+    from transformers import TrainingArguments
+
+    from mpq_plugin.hf import MPQTrainer
+
+    fp_dir, _ = _bert(tmp_path)
+    m = AutoModelForSequenceClassification.from_pretrained(
+        fp_dir, quantization_config=MpqConfig(method="sdq", budget=3.0, modules_to_not_convert=["classifier"]))
+    search = MPQSearch(m, total_steps=steps)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4,
+                             use_cpu=True, report_to=[], logging_steps=1000, save_strategy="no", learning_rate=5e-5,
+                             weight_decay=0.01, disable_tqdm=True, lr_scheduler_type="constant", seed=0)
+    return m, search, MPQTrainer(model=m, args=args, train_dataset=_LabelledIds(), mpq_search=search, **kw)
+
+
+def test_trainer_bit_lr_param_groups(tmp_path):
+    m, _, trainer = _sdq_trainer(tmp_path, 2, mpq_bit_lr=0.05, mpq_quantizer_lr_mult=20.0)
+    opt = trainer.create_optimizer()
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"weights", "weights_no_decay", "quantizer", "bits"}
+    quantizers = [layer.weight_quantizer for _, layer in quant_layers(m)]
+    betas = {id(p) for q in quantizers for p in q.bit_parameters()}
+    qparams = {id(p) for q in quantizers for p in q.parameters()} - betas
+    assert {id(p) for p in groups["bits"]["params"]} == betas and len(betas) == len(quantizers)
+    assert {id(p) for p in groups["quantizer"]["params"]} == qparams
+    assert groups["bits"]["lr"] == 0.05 and groups["bits"]["weight_decay"] == 0.0
+    assert groups["quantizer"]["lr"] == pytest.approx(5e-5 * 20) and groups["quantizer"]["weight_decay"] == 0.0
+    assert groups["weights"]["lr"] == 5e-5 and groups["weights"]["weight_decay"] == 0.01
+    no_decay = {id(p) for p in groups["weights_no_decay"]["params"]}
+    assert id(m.bert.encoder.layer[0].attention.self.query.bias) in no_decay
+    assert id(m.bert.encoder.layer[0].attention.self.query.weight) in {id(p) for p in groups["weights"]["params"]}
+    n_trainable = sum(1 for p in m.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_trainable  # every parameter exactly once
+    with pytest.raises(ValueError, match="mpq_bit_lr"):
+        _sdq_trainer(tmp_path, 2, mpq_bit_lr=0.0)
+
+
+@pytest.mark.parametrize("bit_lr", [None, 0.1])
+def test_trainer_bit_lr_moves_sdq_bits(tmp_path, bit_lr):
+    """With the weight learning rate alone SDQ's betas barely move in 20 steps; with mpq_bit_lr they
+    cross the decay threshold and the bit-widths fall toward the budget."""
+    m, search, trainer = _sdq_trainer(tmp_path, 20, mpq_bit_lr=bit_lr)
+    quantizers = [layer.weight_quantizer for _, layer in quant_layers(m)]
+    before = [float(q.bit_width().detach()) for q in quantizers]
+    torch.manual_seed(0)
+    trainer.train()
+    after = [float(q.bit_width().detach()) for q in quantizers]
+    moved = sum(abs(a - b) > 0.5 for a, b in zip(after, before))
+    if bit_lr is None:
+        assert moved == 0, (before, after)
+    else:
+        assert moved == len(quantizers) and all(a < b for a, b in zip(after, before)), (before, after)
+
+
+# -- q/k/v bit sharing --------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", [m for m in mpq_plugin.list_methods() if m != "lsq"])
+def test_share_qkv_bits_freeze_save_reload(tmp_path, method):
+    from mpq_plugin.adapters.hf import qkv_groups
+    from mpq_plugin.hf import current_bit_plan
+    from mpq_plugin.nn.sharing import bit_leader, bit_state_names
+
+    fp_dir, fp = _bert(tmp_path)
+    x = _ids()
+    for share in (False, True):
+        m = AutoModelForSequenceClassification.from_pretrained(
+            fp_dir, quantization_config=_cfg(method, share_qkv_bits=share))
+        groups = qkv_groups(m)
+        assert groups == qkv_groups(fp) and len(groups) == 2  # found on the quantized model too
+        for g in groups:  # three different repairs: unshared layers keep them, a shared group keeps the last
+            for name, b in zip(g, (3, 6, 4)):
+                m.get_submodule(name).weight_quantizer.force_bits(b)
+        now = current_bit_plan(m)
+        assert [now[n].weight_bits for n in groups[0]] == ([3, 6, 4] if not share else [4, 4, 4])
+    leader, follower = (m.get_submodule(n).weight_quantizer for n in groups[1][:2])
+    assert bit_leader(follower) is leader
+    plan = _qat(m, x, labels=torch.tensor([0, 1, 0, 1]), steps=3)
+    for g in groups:
+        assert len({plan[n].weight_bits for n in g}) == 1, plan.to_dict()
+    assert plan.avg_weight_bits() <= 4.0 + 1e-6
+    m.save_pretrained(tmp_path / "q")
+    stored = load_file(str(tmp_path / "q" / "model.safetensors"))
+    names = bit_state_names(leader)
+    assert all(f"{groups[0][0]}.weight_quantizer.{n}" in stored for n in names)
+    assert not any(f"{g[i]}.weight_quantizer.{n}" in stored for g in groups for i in (1, 2) for n in names)
+    r = AutoModelForSequenceClassification.from_pretrained(tmp_path / "q")
+    assert r.config.quantization_config.share_qkv_bits is True
+    assert bit_leader(r.get_submodule(groups[0][2]).weight_quantizer) is r.get_submodule(groups[0][0]).weight_quantizer
+    assert current_bit_plan(r).to_dict() == plan.to_dict()
+    with torch.no_grad():
+        assert torch.equal(r(x).logits, m(x).logits)
+
+
+def test_share_qkv_bits_refuses_mismatched_ranges(tmp_path):
+    fp_dir, _ = _bert(tmp_path)
+    cfg = MpqConfig(method="sdq", budget=4.0, share_qkv_bits=True,
+                    layer_overrides={r".*attention\.self\.key": {"weight_bits": [3, 6]}})
+    with pytest.raises(ValueError, match="same method, role, bit range"):
+        AutoModelForSequenceClassification.from_pretrained(fp_dir, quantization_config=cfg)
+    with pytest.raises(ValueError, match="share_qkv_bits"):
+        MpqConfig(method="sdq", share_qkv_bits="yes")
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 def test_modules_to_not_convert_must_name_a_module(tmp_path):
     fp_dir, _ = _bert(tmp_path)

@@ -13,9 +13,9 @@ Rules (one table per family, :data:`FAMILY_RULES`):
   none (their inputs are token ids); attention matmuls (``QK^T``, ``softmax V``) are functional ops,
   not modules, and stay float.
 
-Grouping: :func:`qkv_groups` lists the q/k/v projections of each attention block. Sharing one
-bit-width decision inside a group is **not implemented yet** (each projection learns its own);
-the groups are exposed so reports and future search code can use them.
+Grouping: :func:`qkv_groups` lists the q/k/v projections of each attention block (also after the
+layers were swapped for quantized ones). ``MpqConfig(share_qkv_bits=True)`` gives each group one
+weight bit-width decision (:mod:`mpq_plugin.nn.sharing`).
 
 This module is torch-only apart from an optional, lazy look-up of ``transformers``' ``Conv1D``.
 """
@@ -118,15 +118,17 @@ def resolve_skip(model: nn.Module, modules_to_not_convert: Optional[Sequence[str
     return list(modules_to_not_convert)
 
 
-def _kind(module: nn.Module) -> Optional[str]:
+def _kind(module: nn.Module, swapped: bool = False) -> Optional[str]:
+    """The module's kind; with ``swapped``, a quantized layer counts as the float type it replaced."""
     conv1d = hf_conv1d_type()
-    if type(module) is nn.Linear:
+    cls = getattr(module, "_float_cls", type(module)) if swapped else type(module)
+    if cls is nn.Linear:
         return "linear"
-    if conv1d is not None and type(module) is conv1d:
+    if conv1d is not None and cls is conv1d:
         return "conv1d"
-    if type(module) is nn.Embedding:
+    if cls is nn.Embedding:
         return "embedding"
-    if type(module) in (nn.Conv1d, nn.Conv2d):
+    if cls in (nn.Conv1d, nn.Conv2d):
         return "conv"
     return None
 
@@ -166,13 +168,14 @@ def _full(pattern: str, name: str) -> bool:
 def qkv_groups(model: nn.Module, family: Optional[str] = None) -> List[Tuple[str, ...]]:
     """The q/k/v projections of each attention block, as tuples of module names (sorted q, k, v).
 
-    A fused projection (GPT-2 ``c_attn``) is a one-element group.
+    A fused projection (GPT-2 ``c_attn``) is a one-element group. Quantized layers count as the
+    float layers they replaced.
     """
     del family  # the leaf names are common to every family
     leaves = QKV_LEAVES
     groups: Dict[str, List[str]] = {}
     for name, module in model.named_modules():
-        if _kind(module) not in ("linear", "conv1d"):
+        if _kind(module, swapped=True) not in ("linear", "conv1d"):
             continue
         parent, _, leaf = name.rpartition(".")
         if leaf in leaves:

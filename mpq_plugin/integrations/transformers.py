@@ -41,9 +41,11 @@ from mpq_plugin.api import make_quantizer
 from mpq_plugin.config import BitPlan, Budget, LayerBits, MPQConfig
 from mpq_plugin.core.cost import LayerGeometry, linear_geometry
 from mpq_plugin.nn.fake_quantizer import FakeQuantizer
-from mpq_plugin.nn.layers import QUANT_LAYER_TYPES, QuantLayer, _clone_module_as, quant_layers
+from mpq_plugin.nn.layers import QUANT_LAYER_TYPES, QuantLayer, quant_layers, wrap_layer
 from mpq_plugin.nn.matching import resolve_layer
+from mpq_plugin.nn.sharing import share_layer_bits
 from mpq_plugin.registry import get_method
+from mpq_plugin.search.trainer import optimizer_param_groups
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,10 @@ class MpqConfig(QuantizationConfigMixin):
             (output embeddings, tied weights). An explicit list replaces those defaults.
         include, exclude, layer_overrides, options: as in :class:`mpq_plugin.MPQConfig`.
         family: model family for the adapter rules (``auto``, ``bert``, ``gpt2``, ``llama``, ``vit``).
+        share_qkv_bits: one weight bit-width decision per attention block for its q/k/v projections
+            (:func:`mpq_plugin.adapters.hf.qkv_groups`, :mod:`mpq_plugin.nn.sharing`): the
+            frozen plan gives q, k and v the same bits. Off by default (each projection learns its
+            own); GPT-2's fused ``c_attn`` is one layer either way.
         bit_plan: written by ``save_pretrained`` (the learned plan); checked on reload.
 
     Raises:
@@ -132,7 +138,8 @@ class MpqConfig(QuantizationConfigMixin):
                  include: Sequence[str] = (), exclude: Sequence[str] = (),
                  layer_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  options: Optional[Mapping[str, Any]] = None, family: str = "auto",
-                 bit_plan: Optional[Mapping[str, Any]] = None, mpq_version: Optional[str] = None,
+                 share_qkv_bits: bool = False, bit_plan: Optional[Mapping[str, Any]] = None,
+                 mpq_version: Optional[str] = None,
                  **kwargs: Any) -> None:
         kwargs.pop("quant_method", None)
         kwargs.pop("requires", None)
@@ -154,6 +161,9 @@ class MpqConfig(QuantizationConfigMixin):
         if family != "auto" and family not in hf_rules.FAMILY_RULES:
             raise ValueError(f"family={family!r}; use 'auto' or one of {sorted(hf_rules.FAMILY_RULES)}")
         self.family = family
+        if not isinstance(share_qkv_bits, bool):
+            raise ValueError(f"share_qkv_bits={share_qkv_bits!r} must be True or False")
+        self.share_qkv_bits = share_qkv_bits
         self.bit_plan = dict(bit_plan) if bit_plan is not None else None
         self.mpq_version = mpq_version or mpq_plugin.__version__
         # shown to whoever opens config.json without mpq_plugin (transformers then loads float weights)
@@ -227,15 +237,22 @@ def _swap(model: nn.Module, qcfg: MpqConfig) -> Tuple[MPQConfig, List[str]]:
     for name in names:
         module = model.get_submodule(name)
         wq, aq = _make_quantizers(module, name, mcfg)
-        new = _clone_module_as(module, _quant_cls(module))
-        new._float_cls = type(module)  # type: ignore[attr-defined]
-        new._in_shape = None  # type: ignore[attr-defined]
-        new._out_shape = None  # type: ignore[attr-defined]
         dev = module.weight.device
-        new.weight_quantizer = wq.to(dev)
-        new.input_quantizer = aq.to(dev) if aq is not None else None
+        new = wrap_layer(module, wq.to(dev), aq.to(dev) if aq is not None else None, initialize=False,
+                         quant_cls=_quant_cls(module))
         model.set_submodule(name, new)
     return mcfg, names
+
+
+def _share_qkv(model: nn.Module, qcfg: MpqConfig, names: Sequence[str]) -> None:
+    """One weight bit-width decision per q/k/v group of quantized layers (``share_qkv_bits``)."""
+    if not qcfg.share_qkv_bits:
+        return
+    quantized = set(names)
+    groups = [tuple(n for n in g if n in quantized)
+              for g in hf_rules.qkv_groups(model, None if qcfg.family == "auto" else qcfg.family)]
+    shared = share_layer_bits(model, [g for g in groups if len(g) > 1])
+    log.info("mpq: %d q/k/v groups share one weight bit-width each", len(shared))
 
 
 def _reset_quantizers(model: nn.Module, mcfg: MPQConfig) -> None:
@@ -306,6 +323,7 @@ class MpqHfQuantizer(HfQuantizer):
         qcfg: MpqConfig = self.quantization_config
         mcfg, names = _swap(model, qcfg)
         model._mpq_config = mcfg  # type: ignore[assignment]
+        _share_qkv(model, qcfg, names)
         if self.pre_quantized:
             if qcfg.bit_plan is not None:
                 missing = sorted(set(qcfg.bit_plan.get("layers", {})) ^ set(names))
@@ -323,6 +341,7 @@ class MpqHfQuantizer(HfQuantizer):
         mcfg: MPQConfig = model._mpq_config  # type: ignore[assignment]
         if not self.pre_quantized:
             _reset_quantizers(model, mcfg)
+            _share_qkv(model, self.quantization_config, [n for n, _ in quant_layers(model)])
         else:
             _check_all_loaded(model)
             if self.quantization_config.bit_plan is not None:
@@ -430,17 +449,59 @@ class MPQSearchCallback(TrainerCallback):
 class MPQTrainer(Trainer):
     """``Trainer`` whose training loss is ``task loss + search.penalty()``; steps the search.
 
+    The default optimizer gets separate parameter groups, as the native ``fit`` builds them
+    (:func:`mpq_plugin.search.optimizer_param_groups`): model weights with ``args.learning_rate``
+    and ``args.weight_decay`` (none on biases and norms, as the Trainer does); quantizer parameters
+    with ``args.learning_rate * mpq_quantizer_lr_mult`` and no decay; and the quantizers'
+    ``bit_parameters()`` (SDQ's betas, CSQ's mask logits) with ``mpq_bit_lr`` and no decay. SDQ's
+    betas must travel from 1 to the decay threshold within the search, which a weight learning rate
+    such as 5e-5 never does: give them their own (e.g. ``mpq_bit_lr=0.05``). The scheduler scales
+    every group alike. An optimizer passed through ``optimizers=`` is used as given.
+
     Args:
         mpq_search: an :class:`mpq_plugin.search.MPQSearch` over ``model``.
         freeze_at_end: call ``search.freeze()`` when training ends (plan in ``self.mpq_plan``).
+        mpq_quantizer_lr_mult: learning-rate multiplier of quantizer parameters.
+        mpq_bit_lr: learning rate of the bit parameters (``None``: the quantizer learning rate).
         Other arguments: as :class:`transformers.Trainer`.
+
+    Raises:
+        ValueError: a non-positive ``mpq_quantizer_lr_mult`` or ``mpq_bit_lr``.
     """
 
-    def __init__(self, *args: Any, mpq_search: Any, freeze_at_end: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, mpq_search: Any, freeze_at_end: bool = False,
+                 mpq_quantizer_lr_mult: float = 1.0, mpq_bit_lr: Optional[float] = None, **kwargs: Any) -> None:
+        for name, v in (("mpq_quantizer_lr_mult", mpq_quantizer_lr_mult), ("mpq_bit_lr", mpq_bit_lr)):
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+                raise ValueError(f"{name}={v!r} must be a positive number (e.g. mpq_bit_lr=0.05)")
         super().__init__(*args, **kwargs)
         self.mpq_search = mpq_search
+        self.mpq_quantizer_lr_mult = float(mpq_quantizer_lr_mult)
+        self.mpq_bit_lr = float(mpq_bit_lr) if mpq_bit_lr is not None else None
         self._mpq_callback = MPQSearchCallback(mpq_search, freeze_at_end)
         self.add_callback(self._mpq_callback)
+
+    def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer class and settings over mpq_plugin's parameter groups."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        no_decay = [n for n, _ in opt_model.named_parameters() if n not in decay]
+        groups = optimizer_param_groups(opt_model, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+                                        quantizer_lr_mult=self.mpq_quantizer_lr_mult, bit_lr=self.mpq_bit_lr,
+                                        no_decay=no_decay)
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        if "params" in optimizer_kwargs or "model" in optimizer_kwargs:
+            raise ValueError(f"MPQTrainer builds its own parameter groups and cannot use optim={self.args.optim!r}, "
+                             "which builds its own; pass optimizers=(opt, None) instead")
+        optimizer_kwargs.pop("lr", None)  # every group sets its own
+        self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
 
     @property
     def mpq_plan(self) -> Optional[BitPlan]:

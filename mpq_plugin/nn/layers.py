@@ -124,9 +124,21 @@ def _clone_module_as(module: nn.Module, cls: Type[nn.Module]) -> nn.Module:
 
 
 def wrap_layer(module: nn.Module, weight_quantizer: FakeQuantizer,
-               input_quantizer: Optional[FakeQuantizer]) -> nn.Module:
-    """Quantized version of a supported float layer (exact type match, not subclasses)."""
-    qcls = QUANT_LAYER_TYPES.get(type(module))
+               input_quantizer: Optional[FakeQuantizer], *, initialize: bool = True,
+               quant_cls: Optional[Type[nn.Module]] = None) -> nn.Module:
+    """Quantized version of a supported float layer (exact type match, not subclasses).
+
+    Args:
+        initialize: initialize the weight quantizer from the float weight now (and freeze the
+            weight of weight-replacing methods). ``False`` for a skeleton whose weights are not
+            loaded yet (meta tensors): the caller initializes after loading.
+        quant_cls: the quantized class to use (a ``QuantLayer`` subclass of ``type(module)``) for a
+            host-library layer that ``quantize_`` itself should not learn (GPT-2's ``Conv1D``);
+            ``None``: from :data:`QUANT_LAYER_TYPES`.
+    """
+    qcls = quant_cls if quant_cls is not None else QUANT_LAYER_TYPES.get(type(module))
+    if quant_cls is not None and not (issubclass(quant_cls, QuantLayer) and issubclass(quant_cls, type(module))):
+        raise TypeError(f"quant_cls={quant_cls.__name__} must derive from QuantLayer and {type(module).__name__}")
     if qcls is None:
         raise TypeError(
             f"cannot quantize {type(module).__name__}; supported layers: "
@@ -138,6 +150,8 @@ def wrap_layer(module: nn.Module, weight_quantizer: FakeQuantizer,
     new._out_shape = None  # type: ignore[attr-defined]
     new.weight_quantizer = weight_quantizer
     new.input_quantizer = input_quantizer
+    if not initialize:
+        return new
     with torch.no_grad():
         weight_quantizer(new.weight_to_quantize())  # initialize from the float weight now
     if weight_quantizer.replaces_weight:

@@ -40,7 +40,7 @@ from mpq_plugin.search.schedules import (
     warmup,
 )
 from mpq_plugin.search.searcher import MPQSearch
-from mpq_plugin.search.trainer import FitConfig, FitResult, TrainingDiverged, fit
+from mpq_plugin.search.trainer import FitConfig, FitResult, TrainingDiverged, fit, optimizer_param_groups
 
 __all__ = [
     "BUDGET_KEYS",
@@ -70,6 +70,7 @@ __all__ = [
     "lam_from_absolute",
     "linear_ramp",
     "minimum_achievable",
+    "optimizer_param_groups",
     "progress_of",
     "schedule_from_dict",
     "signed",

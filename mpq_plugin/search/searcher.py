@@ -23,6 +23,7 @@ from torch import nn
 from mpq_plugin.config import BitPlan, Budget
 from mpq_plugin.nn.costing import cost_tensors
 from mpq_plugin.nn.fake_quantizer import FakeQuantizer
+from mpq_plugin.nn.sharing import group_min_bits, shared_bit_groups
 from mpq_plugin.nn.costing import quant_sites as quant_layers  # own layers + host-placed sites
 from mpq_plugin.search.budgets import (
     BUDGET_RATIOS,
@@ -361,6 +362,7 @@ class MPQSearch:
                                               rel_tol=rel_tol, fill=fill, tolerance=self.controller.tolerance)
             if fill is not False:
                 new_w = self._polish_with_ilp(costs, wb, new_w, new_a, pairs, moves)
+            new_w = self._one_width_per_group(new_w, moves)
             for knob, q in pairs:
                 old = int(round(wb[knob.layer] if knob.role == "weight" else ab[knob.layer]))
                 new = new_w[knob.layer] if knob.role == "weight" else new_a[knob.layer]
@@ -374,6 +376,15 @@ class MPQSearch:
             if moves["lowered"] or moves["raised"]:
                 log.info("freeze: repair lowered %d and raised %d bit-widths to meet the budget",
                          moves["lowered"], moves["raised"])
+        elif repair and shared_bit_groups([layer.weight_quantizer for _, layer in quant_layers(self.model)]):
+            # no budget: still one width per sharing group (its smallest learned one)
+            with torch.no_grad():
+                wb, _ = hard_bits(self.model)
+            wb = _sync_floats(wb)
+            new_w = self._one_width_per_group(wb, moves)
+            for (_, layer), old, new in zip(quant_layers(self.model), wb, new_w):
+                if int(round(old)) != new and callable(getattr(layer.weight_quantizer, "force_bits", None)):
+                    layer.weight_quantizer.force_bits(new)
         from mpq_plugin.api import freeze as fix_all
 
         plan = fix_all(self.model)
@@ -399,6 +410,14 @@ class MPQSearch:
                 raise BudgetError(bad, hint, plan)
             log.warning("%s", BudgetError(bad, hint, plan))
         return plan
+
+    def _one_width_per_group(self, bits: List[Any], moves: Dict[str, int]) -> List[int]:
+        """Weight bits with each sharing group (:mod:`mpq_plugin.nn.sharing`) at its smallest
+        member's width: one decision per group, and never more cost than ``bits``."""
+        groups = shared_bit_groups([layer.weight_quantizer for _, layer in quant_layers(self.model)])
+        out = group_min_bits(bits, groups)
+        moves["lowered"] += sum(max(int(round(b)) - o, 0) for b, o in zip(bits, out))
+        return out
 
     def _warn_ignored(self, plan: BitPlan, decided: Tuple[List[int], List[int]]) -> None:
         for i, (name, layer) in enumerate(quant_layers(self.model)):

@@ -52,7 +52,7 @@ CHECKPOINT_FORMAT = 1
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = ["FitConfig", "FitResult", "TrainingDiverged", "EpochSampler", "check_model_fits", "evaluate", "fit",
-           "train_float",
+           "optimizer_param_groups", "train_float",
            "load_checkpoint", "CHECKPOINT_NAME"]
 
 
@@ -480,6 +480,40 @@ def _resolve_ebr(cfg: FitConfig, method: str) -> float:
     return 0.1 if method == "sdq" else 0.0
 
 
+def optimizer_param_groups(model: nn.Module, *, lr: float, weight_decay: float = 0.0,
+                           quantizer_lr_mult: float = 1.0, bit_lr: Optional[float] = None,
+                           no_decay: Optional[Any] = None) -> List[Dict[str, Any]]:
+    """Optimizer parameter groups of a quantized model (trainable parameters only, empty groups dropped).
+
+    * model weights: ``lr`` and ``weight_decay`` (names in ``no_decay``, e.g. biases and norms as
+      HF's Trainer excludes them, get no weight decay; a fourth group);
+    * quantizer parameters (steps, ranges; CSQ's bit planes): ``lr * quantizer_lr_mult``, no decay;
+    * the parameters quantizers list in their optional ``bit_parameters()`` (SDQ's betas, CSQ's
+      mask logits): ``bit_lr``, no decay (``None``: they stay in the quantizer group).
+
+    Each group carries ``"name"``: ``weights``, ``weights_no_decay``, ``quantizer`` or ``bits``.
+    """
+    quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+    qids = {id(p) for m in quantizers for p in m.parameters()}
+    bids = set()
+    if bit_lr is not None:  # optional hook: a quantizer may list its bit-width parameters
+        bids = {id(p) for m in quantizers if callable(getattr(m, "bit_parameters", None))
+                for p in m.bit_parameters()}
+    skip_decay = set(no_decay or ())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    weights = [(n, p) for n, p in named if id(p) not in qids]
+    groups = [
+        {"name": "weights", "params": [p for n, p in weights if n not in skip_decay], "lr": lr,
+         "weight_decay": weight_decay},
+        {"name": "weights_no_decay", "params": [p for n, p in weights if n in skip_decay], "lr": lr,
+         "weight_decay": 0.0},
+        {"name": "quantizer", "params": [p for _, p in named if id(p) in qids and id(p) not in bids],
+         "lr": lr * quantizer_lr_mult, "weight_decay": 0.0},
+        {"name": "bits", "params": [p for _, p in named if id(p) in bids], "lr": bit_lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 class _Trainer:
     """State of one :func:`fit` call (kept in one object so checkpoints see all of it)."""
 
@@ -548,20 +582,8 @@ class _Trainer:
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
-        quantizers = [m for m in self.model.modules() if isinstance(m, FakeQuantizer)]
-        qids = {id(p) for m in quantizers for p in m.parameters()}
-        bids = set()
-        if c.bit_lr is not None:  # optional hook: a quantizer may list its bit-width parameters
-            bids = {id(p) for m in quantizers if callable(getattr(m, "bit_parameters", None))
-                    for p in m.bit_parameters()}
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if id(p) not in qids], "lr": c.lr, "weight_decay": c.weight_decay},
-            {"params": [p for p in params if id(p) in qids and id(p) not in bids],
-             "lr": c.lr * c.quantizer_lr_mult, "weight_decay": 0.0},
-            {"params": [p for p in params if id(p) in bids], "lr": c.bit_lr, "weight_decay": 0.0},
-        ]
-        groups = [g for g in groups if g["params"]]
+        groups = optimizer_param_groups(self.model, lr=c.lr, weight_decay=c.weight_decay,
+                                        quantizer_lr_mult=c.quantizer_lr_mult, bit_lr=c.bit_lr)
         if c.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
         return torch.optim.Adam(groups, lr=c.lr)
