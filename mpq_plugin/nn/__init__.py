@@ -13,9 +13,12 @@ from mpq_plugin.nn.layers import (
     wrap_layer,
 )
 from mpq_plugin.nn.matching import resolve_layer
+from mpq_plugin.nn.packed import PackedConv2d, PackedLinear, convert_to_packed_
 
 __all__ = [
     "FakeQuantizer",
+    "PackedConv2d",
+    "PackedLinear",
     "QUANT_LAYER_TYPES",
     "QuantConv1d",
     "QuantConv2d",
@@ -23,6 +26,7 @@ __all__ = [
     "QuantLayer",
     "QuantLinear",
     "QuantizerSpec",
+    "convert_to_packed_",
     "quant_layers",
     "register_quant_layer",
     "resolve_layer",
