@@ -1,4 +1,9 @@
-"""Kernel-level fake-quant benchmark: LSQ fwd and fwd+bwd as ratios to ``clone()`` and ``add(out=)``.
+"""Kernel-level fake-quant benchmark: every method's weight quantizer (4 bits), fwd and fwd+bwd,
+eager and compiled (and Triton on CUDA), as ratios to ``clone()`` and ``add(out=)``.
+
+Quantizers: LSQ per-tensor (``lsq``) and per-channel over 256 rows (``lsqpc``), SDQ's sampled
+4/3-bit pair (``sdq``), learned-range U3 (``lr``, pow2 step) and P3 (``lrpow2``), CSQ's bit-plane
+synthesis with 3 magnitude planes (``csq``; it reads ``2 x 3`` logits per output element).
 
 Protocol (``/work/shared/design/environment.md`` §4): one process, every variant once per round
 with the order rotated each round, 2 warm-up + 11 timed rounds; report the median of per-round
@@ -22,8 +27,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-from mpq_plugin.core.affine import fake_quantize as eager_fq
 from mpq_plugin.kernels import compiled, dispatch
+from mpq_plugin.kernels import reference as R
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QMIN, QMAX = -8.0, 7.0  # 4-bit signed, per-tensor step 0.1 (torch baselines: 0..15, zero point 8)
@@ -44,20 +49,7 @@ def _variants(n: int, device: torch.device) -> Dict[str, Callable[[], object]]:
     x = torch.randn(n, device=device)
     g = torch.randn(n, device=device)
     out = torch.empty_like(x)
-    step = torch.tensor(0.1, device=device, requires_grad=True)
     xg = x.clone().requires_grad_()
-
-    def fwd(fn):
-        def run():
-            with torch.no_grad():
-                return fn(x, step, 0.0, QMIN, QMAX)
-        return run
-
-    def fb(fn):
-        def run():
-            y = fn(xg, step, 0.0, QMIN, QMAX)
-            return torch.autograd.grad(y, (xg, step), g)
-        return run
 
     from torch.ao.quantization import MovingAverageMinMaxObserver
     from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
@@ -79,20 +71,54 @@ def _variants(n: int, device: torch.device) -> Dict[str, Callable[[], object]]:
     v: Dict[str, Callable[[], object]] = {
         "clone": lambda: x.clone(),
         "add_out": lambda: torch.add(x, 0, out=out),
-        "eager_lsq_fwd": fwd(eager_fq),
-        "eager_lsq_fwdbwd": fb(eager_fq),
-        "compiled_lsq_fwd": fwd(compiled.fake_quantize),
-        "compiled_lsq_fwdbwd": fb(compiled.fake_quantize),
         "aten_per_tensor_fwd": lambda: torch.fake_quantize_per_tensor_affine(x, 0.1, 8, 0, 15),
         "aten_per_tensor_fwdbwd": aten_fb,
         "torch_learnable_fwd": lambda: _no_grad(lfq, x),
         "torch_learnable_fwdbwd": lfq_fb,
     }
-    if device.type == "cuda" and dispatch.triton_available():
-        tq = dispatch._triton_module().fake_quantize
-        v["triton_lsq_fwd"] = fwd(tq)
-        v["triton_lsq_fwdbwd"] = fb(tq)
+    for tag, (op, args, grad_idx) in _method_cases(x).items():
+        v.update(_op_variants(tag, op, args, grad_idx, g, device))
     return v
+
+
+def _method_cases(x: torch.Tensor) -> Dict[str, tuple]:
+    """tag -> (op, args, indices of the differentiable args) for each method's 4-bit weight quantizer."""
+    n, dev = x.numel(), x.device
+    rows = 256 if n % 256 == 0 else 1
+    t = lambda v: torch.tensor(v, device=dev)  # noqa: E731
+    return {
+        "lsq": ("fake_quantize", [x, t(0.1), 0.0, QMIN, QMAX, "half_even"], (0, 1)),
+        "lsqpc": ("fake_quantize", [x.view(rows, -1), torch.full((rows, 1), 0.1, device=dev), 0.0, QMIN, QMAX,
+                                    "half_even"], (0, 1)),
+        "sdq": ("sdq_select", [x, t(True), t(0.7), t(0.1), t(0.2), QMIN, QMAX, -4.0, 3.0, "half_even"], (0, 2, 3, 4)),
+        "lr": ("uniform_fake_quant", [x, t(0.125), t(0.875), True, "half_away", "paper"], (0, 1, 2)),
+        "lrpow2": ("pow2_fake_quant", [x, t(2.0**-6), t(2.0), True, False], (0, 1, 2)),
+        "csq": ("bitplane_weight", [torch.randn(n, 3, device=dev) * 0.1, torch.randn(n, 3, device=dev) * 0.1,
+                                    torch.rand(3, device=dev), t(0.8), t(3.0)], (0, 1, 2, 3)),
+    }
+
+
+def _op_variants(tag: str, op: str, args: list, grad_idx: tuple, g: torch.Tensor,
+                 device: torch.device) -> Dict[str, Callable[[], object]]:
+    """``{eager,compiled[,triton]}_{tag}_{fwd,fwdbwd}`` for one op."""
+    leaves = [a.detach().clone().requires_grad_(i in grad_idx)
+              if isinstance(a, torch.Tensor) and a.is_floating_point() else a for i, a in enumerate(args)]
+    wrt = [leaves[i] for i in grad_idx]
+    gy = g.view(args[0].shape[:-1] if op == "bitplane_weight" else args[0].shape)
+    paths = {"eager": getattr(R, op), "compiled": lambda *a: compiled.run(op, *a)}
+    if device.type == "cuda" and dispatch.triton_available() and dispatch.op_triton_supports(op, tuple(args)):
+        paths["triton"] = dispatch._triton_fn(op)
+    out: Dict[str, Callable[[], object]] = {}
+    for path, fn in paths.items():
+        def fwd(fn=fn):
+            with torch.no_grad():
+                return fn(*args)
+
+        def fb(fn=fn):
+            return torch.autograd.grad(fn(*leaves), wrt, gy)
+
+        out[f"{path}_{tag}_fwd"], out[f"{path}_{tag}_fwdbwd"] = fwd, fb
+    return out
 
 
 def _no_grad(m, x):
@@ -138,10 +164,35 @@ def bench_size(n: int, device: torch.device, rounds: int = 11, warmup: int = 2) 
             "foreign_load_cores": round(foreign, 3), "first_call_s": compile_s, "variants": rows}
 
 
+TAGS = ("lsq", "lsqpc", "sdq", "lr", "lrpow2", "csq")
+TARGET = 3.0  # issue 8: every quantizer's fwd+bwd within 3x clone() on CPU
+
+
+def summary(res: dict) -> List[str]:
+    """Per-quantizer table: median ratio to clone() of each path, and whether fwd+bwd meets the target."""
+    lines = []
+    for s in res["sizes"]:
+        v = s["variants"]
+        paths = [p for p in ("eager", "compiled", "triton") if f"{p}_lsq_fwd" in v]
+        head = " | ".join(f"{p} fwd | {p} fwd+bwd" for p in paths)
+        lines += [f"### {s['numel']:,} elements: / clone() (foreign load {s['foreign_load_cores']} cores)", "",
+                  f"| quantizer | {head} | best fwd+bwd <= {TARGET:g}x |", "|---" * (2 * len(paths) + 2) + "|"]
+        for tag in TAGS:
+            cells, best = [], float("inf")
+            for p in paths:
+                f, fb = v[f"{p}_{tag}_fwd"]["x_clone_median"], v[f"{p}_{tag}_fwdbwd"]["x_clone_median"]
+                cells += [f"{f:.2f}", f"{fb:.2f}"]
+                best = min(best, fb)
+            lines.append(f"| {tag} | " + " | ".join(cells) + f" | {'yes' if best <= TARGET else 'no'} ({best:.2f}) |")
+        lines.append("")
+    return lines
+
+
 def to_markdown(res: dict) -> str:
     lines = [f"# Fake-quant kernels: time ratios ({res['torch']}, {res['threads']} threads, {res['device']})", "",
              "Median of per-round ratios (ratio of min times in parentheses); protocol in "
-             "`benchmarks/kernels.py`. Foreign load above ~0.2 cores means contaminated.", ""]
+             "`benchmarks/kernels.py`. Foreign load above ~0.2 cores means contaminated.", "",
+             "## Summary: each method's 4-bit weight quantizer", ""] + summary(res) + ["## All variants", ""]
     for s in res["sizes"]:
         lines += [f"## {s['numel']:,} elements (foreign load {s['foreign_load_cores']} cores; "
                   f"first calls: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["first_call_s"].items()) + ")", "",

@@ -43,6 +43,8 @@ for rounding in ("half_even", "half_away"):
 x = torch.randn(2048, requires_grad=True)
 out.append(dict(selected=dispatch.select(x, torch.tensor(0.1), 0.0, -8.0, 7.0, force="triton"),
                 per_channel=dispatch.select(x.view(2, -1), torch.full((2, 1), 0.1), 0.0, -8.0, 7.0,
+                                            force="triton"),
+                per_element=dispatch.select(x.view(2, -1), torch.full((2, 1024), 0.1), 0.0, -8.0, 7.0,
                                             force="triton")))
 print("RESULT" + json.dumps(out))
 """
@@ -64,7 +66,7 @@ def test_triton_kernel_interpreted_matches_reference() -> None:
         assert tri_gs == pytest.approx(ref_gs, rel=1e-5, abs=1e-3), c["case"]
         assert c["gs_shape"] == []
     assert any(c["clamped"] > 0 for c in cases)  # the clamp branch of both gradients was exercised
-    assert sel == {"selected": "triton", "per_channel": "compiled"}
+    assert sel == {"selected": "triton", "per_channel": "triton", "per_element": "compiled"}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -1,25 +1,31 @@
-"""Pick the fake-quant implementation: Triton (fused kernels), compiled, or the eager reference.
+"""Pick the fake-quant implementation per op: Triton (fused kernels), compiled, or the eager reference.
+
+Ops (each one method's quantizer, the reference is the pure core function of the same name):
+``fake_quantize`` (LSQ, per-tensor and per-channel), ``sdq_select`` / ``sdq_interpolate`` (SDQ's
+pair of adjacent bit-widths), ``uniform_fake_quant`` / ``pow2_fake_quant`` (learned range),
+``bitplane_weight`` / ``pact_quantize`` (CSQ weights / activations).
 
 ``MPQ_KERNELS`` (read on every call) forces a path: ``triton``, ``compiled`` or ``eager``;
 unset or ``auto`` picks the best that applies:
 
-* ``triton`` -- a CUDA float32 tensor, a per-tensor scale, a float zero point and bounds, and
-  triton importable;
+* ``triton`` -- a CUDA tensor, arguments the op's Triton kernel covers (float32, per-tensor or
+  per-channel parameters, float bounds; see ``triton_supports``), and triton importable;
 * ``compiled`` -- a CPU tensor with at least :data:`COMPILE_MIN_NUMEL` elements (below that the
   ~1 s compile per new shape cannot pay off);
 * ``eager`` -- everything else, and always while tracing (``torch.compile``/export, FX,
   ``torch.jit.trace``), so an outer tracer sees the plain reference ops.
 
 A forced ``triton`` also runs CPU tensors when ``TRITON_INTERPRET=1`` was set before the first
-dispatch; for arguments its kernel does not cover (per-channel scales, tensor zero points,
-other dtypes) it falls back to ``compiled``. Each path in use is logged once at INFO.
+dispatch; for arguments (or ops) its kernels do not cover it falls back to ``compiled``. Each
+(op, path) pair in use is logged once at INFO.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -31,7 +37,14 @@ BACKENDS = ("triton", "compiled", "eager")
 ENV = "MPQ_KERNELS"
 COMPILE_MIN_NUMEL = 1 << 20
 _logged: set = set()
-_triton_mod = None
+
+#: op -> (module under mpq_plugin.kernels, function) of its Triton implementation
+TRITON_OPS: Dict[str, Tuple[str, str]] = {
+    "fake_quantize": ("triton_lsq", "fake_quantize"),
+    "sdq_select": ("triton_sdq", "sdq_select"),
+    "uniform_fake_quant": ("triton_learned_range", "uniform_fake_quant"),
+    "bitplane_weight": ("triton_csq", "bitplane_weight"),
+}
 
 
 def requested() -> str:
@@ -47,24 +60,63 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _triton_fn(op: str) -> Callable:
+    """The Triton implementation of ``op`` (imports triton: only on first Triton dispatch)."""
+    mod, attr = TRITON_OPS[op]
+    return getattr(importlib.import_module(f"mpq_plugin.kernels.{mod}"), attr)
+
+
 def _triton_module():
-    global _triton_mod
-    if _triton_mod is None:
-        from mpq_plugin.kernels import triton_lsq  # imports triton: only on first Triton dispatch
-
-        _triton_mod = triton_lsq
-    return _triton_mod
+    """The LSQ Triton module (kept for the benchmark and older callers)."""
+    return importlib.import_module("mpq_plugin.kernels.triton_lsq")
 
 
-def _is_plain(v: object) -> bool:
-    return isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1 and v.dim() == 0)
+def _f32(*ts: Any) -> bool:
+    return all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in ts)
+
+
+def _num(*vs: Any) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vs)
+
+
+def channel_axis(x: torch.Tensor, scale: torch.Tensor) -> Optional[int]:
+    """Axis of a per-channel ``scale`` broadcast against ``x`` (``-1``: per-tensor; ``None``: other)."""
+    if scale.numel() == 1:
+        return -1
+    if scale.dim() == 1 and x.dim() >= 1 and scale.shape[0] == x.shape[-1]:
+        return x.dim() - 1
+    if scale.dim() != x.dim():
+        return None
+    big = [i for i, (a, b) in enumerate(zip(scale.shape, x.shape)) if a != 1]
+    if len(big) == 1 and scale.shape[big[0]] == x.shape[big[0]]:
+        return big[0]
+    return None
 
 
 def triton_supports(x: torch.Tensor, scale: torch.Tensor, zero_point, qmin, qmax) -> bool:
-    """Whether the per-tensor Triton kernel covers these arguments (device aside)."""
-    return (x.dtype == torch.float32 and scale.dtype == torch.float32 and scale.numel() == 1
-            and isinstance(zero_point, (int, float)) and isinstance(qmin, (int, float))
-            and isinstance(qmax, (int, float)))
+    """Whether the LSQ Triton kernel covers these arguments (device aside)."""
+    return _f32(x, scale) and _num(zero_point, qmin, qmax) and channel_axis(x, scale) is not None
+
+
+def op_triton_supports(op: str, args: Tuple[Any, ...]) -> bool:
+    """Whether ``op``'s Triton kernel covers ``args`` (device aside)."""
+    if op not in TRITON_OPS:
+        return False
+    if op == "fake_quantize":
+        return triton_supports(*args[:5])
+    if op == "sdq_select":
+        x, z, zg, s_hi, s_lo = args[:5]
+        return (_f32(x, zg, s_hi, s_lo) and z.numel() == 1 and zg.numel() == 1 and _num(*args[5:9])
+                and s_hi.shape == s_lo.shape and channel_axis(x, s_hi) is not None)
+    if op == "uniform_fake_quant":
+        x, d, q = args[:3]
+        return _f32(x, d, q) and d.numel() == 1 and q.numel() == 1
+    if op == "bitplane_weight":
+        p, n, masks, s, temp = args[:5]
+        return (_f32(p, n, masks, s, temp) and p.shape == n.shape and p.dim() >= 1
+                and masks.shape == (p.shape[-1],) and s.numel() == 1 and temp.numel() == 1
+                and not temp.requires_grad)
+    return False
 
 
 def _tracing(x: torch.Tensor) -> bool:
@@ -72,30 +124,47 @@ def _tracing(x: torch.Tensor) -> bool:
         or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
-def select(x: torch.Tensor, scale: torch.Tensor, zero_point=0.0, qmin=None, qmax=None,
-           force: Optional[str] = None) -> str:
-    """Name of the path :func:`fake_quantize` would run for these arguments."""
+def select_path(x: torch.Tensor, triton_ok: bool, force: Optional[str] = None) -> str:
+    """Path for an op on ``x`` whose Triton kernel covers its arguments when ``triton_ok``."""
     want = force or requested()
     if want == "eager" or _tracing(x):
         return "eager"
-    ok = triton_supports(x, scale, zero_point, qmin, qmax)
     if want == "triton":
         if not triton_available():
             raise ValueError(f"{ENV}=triton but triton is not installed; pip install triton or unset {ENV}")
-        return "triton" if ok else "compiled"
+        return "triton" if triton_ok else "compiled"
     if want == "compiled":
         return "compiled"
-    if x.is_cuda and ok and triton_available():
+    if x.is_cuda and triton_ok and triton_available():
         return "triton"
     if not x.is_cuda and x.numel() >= COMPILE_MIN_NUMEL:
         return "compiled"
     return "eager"
 
 
-def _impl(name: str) -> Callable:
+def select(x: torch.Tensor, scale: torch.Tensor, zero_point=0.0, qmin=None, qmax=None,
+           force: Optional[str] = None) -> str:
+    """Name of the path :func:`fake_quantize` would run for these arguments."""
+    return select_path(x, triton_supports(x, scale, zero_point, qmin, qmax), force)
+
+
+def select_op(op: str, *args: Any, force: Optional[str] = None) -> str:
+    """Name of the path :func:`run` would take for ``op`` on ``args``."""
+    return select_path(args[0], op_triton_supports(op, args), force)
+
+
+def run(op: str, *args: Any) -> torch.Tensor:
+    """Run ``op`` (a reference function name) on the best available path: same bits as eager."""
+    name = select_op(op, *args)
+    key = (op, name)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("mpq_plugin fake-quant kernels: %s path in use for %s (%s=%s)", name, op, ENV, requested())
     if name == "triton":
-        return _triton_module().fake_quantize
-    return compiled.fake_quantize if name == "compiled" else reference.fake_quantize
+        return _triton_fn(op)(*args)
+    if name == "compiled":
+        return compiled.run(op, *args)
+    return getattr(reference, op)(*args)
 
 
 def fake_quantize(
@@ -107,8 +176,4 @@ def fake_quantize(
     rounding: str = "half_even",
 ) -> torch.Tensor:
     """:func:`mpq_plugin.core.affine.fake_quantize` on the best available path (same bits)."""
-    name = select(x, scale, zero_point, qmin, qmax)
-    if name not in _logged:
-        _logged.add(name)
-        log.info("mpq_plugin fake-quant kernels: %s path in use (%s=%s)", name, ENV, requested())
-    return _impl(name)(x, scale, zero_point, qmin, qmax, rounding)
+    return run("fake_quantize", x, scale, zero_point, qmin, qmax, rounding)

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from mpq_plugin.config import MethodOptions
+from mpq_plugin.core.bitplane import _ClipQuant, _HardBit, act_levels, plane_coefficients, soft_masks  # noqa: F401
 from mpq_plugin.core.state import QuantState
+from mpq_plugin.kernels import bitplane_weight, pact_quantize  # dispatched: triton / compiled / eager
 from mpq_plugin.nn.fake_quantizer import FakeQuantizer, QuantizerSpec
 from mpq_plugin.registry import register_method
 
@@ -100,81 +102,6 @@ class CSQOptions(MethodOptions):
 
 
 # -- pure functions ---------------------------------------------------------------------------
-def plane_coefficients(n_planes: int, like: torch.Tensor) -> torch.Tensor:
-    """``2^(N-1-i) / (2^N - 1)`` for planes ``i = 0..N-1`` (MSB first), fixed constants."""
-    e = torch.arange(n_planes - 1, -1, -1, dtype=torch.float64)
-    return (2.0**e / (2.0**n_planes - 1)).to(dtype=like.dtype, device=like.device)
-
-
-def soft_masks(mu: torch.Tensor, temp: torch.Tensor, floor: int) -> torch.Tensor:
-    """``sigmoid(T mu)``, with the ``floor`` most significant planes fixed at 1 (protected)."""
-    m = torch.sigmoid(temp * mu)  # (N,)
-    if floor == 0:
-        return m
-    return torch.cat([torch.ones_like(m[:floor]), m[floor:]])
-
-
-def bitplane_weight(p: torch.Tensor, n: torch.Tensor, masks: torch.Tensor, s: torch.Tensor,
-                    temp: torch.Tensor) -> torch.Tensor:
-    """CSQ weight ``s * sum_i m_i (sigmoid(T p_i) - sigmoid(T n_i)) c_i`` (smooth, no STE)."""
-    bits = torch.sigmoid(temp * p) - torch.sigmoid(temp * n)  # (*W, N) in (-1, 1)
-    return torch.matmul(bits, masks * plane_coefficients(p.shape[-1], p)) * s
-
-
-class _HardBit(torch.autograd.Function):
-    """``1[logit > 0]`` forward; gradient of ``sigmoid(T logit)`` backward (surrogate)."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(logits, temp)
-        return (logits > 0).to(logits.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:
-        logits, temp = ctx.saved_tensors
-        sig = torch.sigmoid(temp * logits)
-        return g * temp * sig * (1 - sig), None
-
-
-class _ClipQuant(torch.autograd.Function):
-    """``clamp(round(x / s), qmin, qmax) * s`` with ``s = alpha / div``; PACT gradients.
-
-    ``dx = g`` strictly inside the clip range; ``dalpha = sum(g * (qmax 1[x >= hi] +
-    qmin 1[x <= lo])) / div`` (the rounding error is ignored, as PACT). Unsigned with
-    ``div = qmax``: ``dalpha = sum(g 1[x >= alpha])``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, alpha: torch.Tensor, qmin: float, qmax: float,
-                div: float) -> torch.Tensor:
-        s = alpha / div
-        ctx.save_for_backward(x, alpha)
-        ctx.q = (qmin, qmax, div)
-        return torch.clamp(torch.round(x / s), qmin, qmax) * s
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x, alpha = ctx.saved_tensors
-        qmin, qmax, div = ctx.q
-        upper = x >= alpha * (qmax / div)  # unsigned: exactly x >= alpha
-        lower = x <= alpha * (qmin / div)  # signed: exactly x <= -alpha
-        dx = g * (~(upper | lower)).to(g.dtype)
-        dalpha = (g * (upper.to(g.dtype) * qmax + lower.to(g.dtype) * qmin)).sum() / div
-        return dx, dalpha.reshape(alpha.shape), None, None, None
-
-
-def act_levels(bits: int, signed: bool) -> Tuple[float, float, float]:
-    """``(qmin, qmax, div)`` of a PACT quantizer with ``scale = alpha / div``.
-
-    Unsigned: codes ``[0, 2^b - 1]``, ``div = 2^b - 1`` (clip ``[0, alpha]``). Signed: two's
-    complement codes ``[-2^(b-1), 2^(b-1) - 1]``, ``div = 2^(b-1)`` (clip ``[-alpha, alpha - s]``),
-    so the frozen ``QuantState`` range is the forward's range.
-    """
-    if signed:
-        return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1, 2.0 ** (bits - 1)
-    return 0.0, 2.0**bits - 1, 2.0**bits - 1
-
-
 # -- the quantizer ----------------------------------------------------------------------------
 _logged_act_range = False
 
@@ -391,7 +318,7 @@ class CSQQuantizer(FakeQuantizer):
     def _quantize_act(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax, div = act_levels(self.act_bits, self.signed)
         alpha = self.alpha.abs().clamp_min(1e-8)
-        return _ClipQuant.apply(x, alpha, qmin, qmax, div)
+        return pact_quantize(x, alpha, qmin, qmax, div)
 
     # -- freeze -----------------------------------------------------------------------------
     def freeze(self, x: Optional[torch.Tensor] = None) -> QuantState:

@@ -23,6 +23,8 @@ from torch import nn
 from mpq_plugin.config import MAX_BITS, MIN_BITS, MethodOptions
 from mpq_plugin.core.affine import pow2_exponent, pow2_round_ste
 from mpq_plugin.core.bitwidth import learned_range_bits, learned_range_pow2_bits
+from mpq_plugin.core.range_quant import _clip_round, _UniformFakeQuant  # noqa: F401  (moved to core)
+from mpq_plugin.kernels import pow2_fake_quant, uniform_fake_quant  # dispatched: triton / compiled / eager
 from mpq_plugin.core.state import QuantState
 from mpq_plugin.core.ste import ROUNDING_MODES, ceil_ste, floor_ste, round_nograd, round_ste
 from mpq_plugin.nn.fake_quantizer import FakeQuantizer, QuantizerSpec
@@ -170,96 +172,6 @@ def _pow2_ceil_ste(v: torch.Tensor) -> torch.Tensor:
 def _pow2_floor_ste(v: torch.Tensor) -> torch.Tensor:
     """``2^floor(log2 v)`` with a straight-through exponent."""
     return torch.pow(2.0, floor_ste(torch.log2(v)))
-
-
-def _clip_round(x: torch.Tensor, d: torch.Tensor, q: torch.Tensor, signed: bool,
-                rounding: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``c = clip(x, -q or 0, q)`` and the integer codes ``round(c / d)`` (one shared path)."""
-    ct = torch.promote_types(x.dtype, d.dtype)
-    xc, d, q = x.to(ct), d.to(ct), q.to(ct)
-    c = torch.clamp(xc, -q if signed else torch.zeros_like(q), q)
-    return c, round_nograd(c / d, rounding)
-
-
-class _UniformFakeQuant(torch.autograd.Function):
-    """``y = d * round(clip(x, lower, q) / d)``, the official U-quantizer, with paper gradients.
-
-    Backward (Eq. 2/3c): ``dy/dx = 1`` inside ``[lower, q]``; ``dy/dd = round(c/d) - c/d``
-    inside (``grad_variant="code"``: everywhere); ``dy/dq = +1`` above ``q``, ``-1`` below
-    ``-q`` (signed) — the sign-aware routing of nnabla's ``clip_by_value``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, d: torch.Tensor, q: torch.Tensor, signed: bool,
-                rounding: str, paper_grad: bool) -> torch.Tensor:
-        ctx.save_for_backward(x, d, q)
-        ctx.cfg = (signed, rounding, paper_grad)
-        _, r = _clip_round(x, d, q, signed, rounding)
-        return (d * r).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:
-        x, d, q = ctx.saved_tensors
-        signed, rounding, paper_grad = ctx.cfg
-        c, r = _clip_round(x, d, q, signed, rounding)
-        xc = x.to(c.dtype)
-        g = g.to(c.dtype)
-        above = xc > q
-        below = xc < (-q if signed else torch.zeros_like(q))
-        inside = ~(above | below)
-        zero = torch.zeros_like(g)
-        gx = torch.where(inside, g, zero).to(x.dtype) if ctx.needs_input_grad[0] else None
-        gd = gq = None
-        if ctx.needs_input_grad[1]:
-            err = r - c / d  # in [-1/2, 1/2]
-            gd_el = g * err
-            if paper_grad:
-                gd_el = torch.where(inside, gd_el, zero)
-            gd = gd_el.sum_to_size(d.shape).to(d.dtype)
-        if ctx.needs_input_grad[2]:
-            gq_el = torch.where(above, g, zero)
-            if signed:
-                gq_el = gq_el - torch.where(below, g, zero)
-            gq = gq_el.sum_to_size(q.shape).to(q.dtype)
-        return gx, gd, gq, None, None, None
-
-
-def uniform_fake_quant(x: torch.Tensor, d: torch.Tensor, q: torch.Tensor, signed: bool,
-                       rounding: str = "half_away", grad_variant: str = "paper") -> torch.Tensor:
-    """Official uniform quantizer ``d * round(clip(x, -q or 0, q) / d)`` (see :class:`_UniformFakeQuant`).
-
-    ``d``/``q`` broadcast against ``x`` (scalars, or per-element for gradient tests).
-    """
-    return _UniformFakeQuant.apply(x, d, q, signed, rounding, grad_variant == "paper")
-
-
-def pow2_fake_quant(x: torch.Tensor, q_min: torch.Tensor, q_max: torch.Tensor, signed: bool,
-                    with_zero: bool) -> torch.Tensor:
-    """Official power-of-two quantizer (``parametric_pow2_*``), paper Eq. (4).
-
-    Magnitudes below ``q_min`` -> ``q_min`` (or 0 below ``q_min/sqrt(2)`` when ``with_zero``),
-    in ``[q_min, q_max)`` -> ``2^round(log2|x|)`` (STE: ``dQ/dx = 2^round(log2|x|)/|x|``),
-    from ``q_max`` on -> ``q_max``; the sign and the region masks carry no gradient, so
-    ``dQ/dq_min = sign(x)`` below, ``dQ/dq_max = sign(x)`` above, 0 elsewhere (Eq. 6).
-    ``q_min``/``q_max`` must already be powers of two.
-    """
-    x = x.to(torch.promote_types(x.dtype, q_min.dtype))
-    q_min, q_max = q_min.to(x.dtype), q_max.to(x.dtype)
-    if not signed:
-        x = torch.relu(x)
-    a = x.abs()
-    with torch.no_grad():
-        s = torch.sign(x)
-        top = a >= q_max
-        low = a < q_min
-        mid = ~(low | top)
-        if with_zero:
-            low = low & (a >= q_min / math.sqrt(2.0))
-    a_mid = torch.where(mid, a, torch.ones_like(a))  # keeps log2 finite off the middle region
-    mid_val = torch.pow(2.0, round_ste(torch.log2(a_mid)))
-    zero = torch.zeros_like(a)
-    y = torch.where(mid, mid_val, zero) + torch.where(low, q_min, zero) + torch.where(top, q_max, zero)
-    return s * y
 
 
 def level_bounds(lo: torch.Tensor, hi: torch.Tensor, signed: bool) -> Tuple[torch.Tensor, torch.Tensor]:

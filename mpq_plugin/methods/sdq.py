@@ -27,7 +27,10 @@ from torch import nn
 from mpq_plugin.config import MAX_BITS, MIN_BITS, MethodOptions
 from mpq_plugin.core.affine import fake_quantize, int_range, quantize_codes, reshape_for_axis
 from mpq_plugin.core.bitwidth import interpolated_bits
+from mpq_plugin.core.mixture import _StochasticSelect, interpolate, stochastic_select  # noqa: F401  (moved to core)
 from mpq_plugin.core.state import QuantState
+from mpq_plugin.kernels import fake_quantize as kernel_fake_quantize  # dispatched: triton / compiled / eager
+from mpq_plugin.kernels import sdq_interpolate, sdq_select
 from mpq_plugin.core.ste import ROUNDING_MODES, grad_scale
 from mpq_plugin.nn.fake_quantizer import FakeQuantizer, QuantizerSpec
 from mpq_plugin.registry import register_method
@@ -133,45 +136,6 @@ class _SignSTE(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
         (v,) = ctx.saved_tensors
         return g * (v.abs() <= 1).to(g.dtype)
-
-
-class _StochasticSelect(torch.autograd.Function):
-    """Forward ``q_hi if z else q_lo`` exactly; backward ``d/dz_grad = <g, q_hi - q_lo>``.
-
-    ``z_grad`` is what the sample stands for in the backward pass: ``beta`` (STE on the
-    Bernoulli sample, i.e. the gradient of ``beta q_hi + (1 - beta) q_lo``) or the relaxed Gumbel
-    sample. Only the sampled quantizer gets the upstream gradient (its own LSQ STE).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, z_grad: torch.Tensor, q_hi: torch.Tensor,
-                q_lo: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(z, q_hi, q_lo)
-        ctx.z_shape = z_grad.shape
-        return torch.where(z, q_hi, q_lo)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:
-        z, q_hi, q_lo = ctx.saved_tensors
-        gz = g_hi = g_lo = None
-        if ctx.needs_input_grad[1]:
-            gz = (g * (q_hi - q_lo)).sum().reshape(ctx.z_shape)
-        zero = torch.zeros((), dtype=g.dtype, device=g.device)
-        if ctx.needs_input_grad[2]:
-            g_hi = torch.where(z, g, zero)
-        if ctx.needs_input_grad[3]:
-            g_lo = torch.where(z, zero, g)
-        return None, gz, g_hi, g_lo
-
-
-def stochastic_select(z: torch.Tensor, z_grad: torch.Tensor, q_hi: torch.Tensor, q_lo: torch.Tensor) -> torch.Tensor:
-    """Exact sampled forward with the interpolation gradient (see :class:`_StochasticSelect`)."""
-    return _StochasticSelect.apply(z, z_grad, q_hi, q_lo)
-
-
-def interpolate(beta: torch.Tensor, q_hi: torch.Tensor, q_lo: torch.Tensor) -> torch.Tensor:
-    """``beta q_hi + (1 - beta) q_lo``: the expectation whose gradient the STE sample carries."""
-    return beta * q_hi + (1.0 - beta) * q_lo
 
 
 def gumbel_relaxed(logit: torch.Tensor, u: torch.Tensor, tau: float) -> torch.Tensor:
@@ -405,20 +369,23 @@ class SDQQuantizer(FakeQuantizer):
 
     def quantize_candidate(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """``Q_{b_k}(x)`` with candidate ``k``'s learned step."""
-        return quantize_b(x, self._scale(k, x), self.candidates[k], self.signed, self.options.rounding)
+        bits = self.candidates[k]
+        if self.signed and bits == 1:
+            return quantize_b(x, self._scale(k, x), bits, True, self.options.rounding)
+        qmin, qmax = int_range(bits, self.signed)
+        return kernel_fake_quantize(x, self._scale(k, x), 0.0, float(qmin), float(qmax), self.options.rounding)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not self._has_pair():
             return self.quantize_candidate(x, int(self.level))
         hi = int(self.level)
-        q_hi, q_lo = self.quantize_candidate(x, hi), self.quantize_candidate(x, hi - 1)
         beta = self.beta_value()
         if not self.training:
-            return stochastic_select(beta.detach() >= 0.5, beta, q_hi, q_lo)
+            return self._mix(x, hi, beta.detach() >= 0.5, beta)
         u = torch.rand(()).to(beta.device)  # global CPU generator: torch.manual_seed makes it repeatable
         z = u < beta.detach()  # Bernoulli(beta)
         if self.options.estimator == "ste":
-            return stochastic_select(z, beta, q_hi, q_lo)
+            return self._mix(x, hi, z, beta)
         if self.beta_logit is not None:
             logit = self.beta_logit
         else:
@@ -426,8 +393,25 @@ class SDQQuantizer(FakeQuantizer):
             logit = torch.log(b) - torch.log1p(-b)
         z_soft = gumbel_relaxed(logit, u.to(logit.dtype), float(self.tau))
         if self.options.gumbel_hard:
-            return stochastic_select(z, z_soft, q_hi, q_lo)
-        return interpolate(z_soft, q_hi, q_lo)
+            return self._mix(x, hi, z, z_soft)
+        return self._mix(x, hi, None, z_soft)
+
+    def _mix(self, x: torch.Tensor, hi: int, z: Optional[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+        """Pair ``(hi, hi - 1)``: sampled select (``z`` given) or soft mix with weight ``w``.
+
+        LSQ pairs run on the fused kernel paths (:mod:`mpq_plugin.kernels`); a binary (1-bit)
+        candidate keeps the eager composition of :func:`quantize_b`.
+        """
+        b_hi, b_lo = self.candidates[hi], self.candidates[hi - 1]
+        if self.signed and b_lo == 1:
+            q_hi, q_lo = self.quantize_candidate(x, hi), self.quantize_candidate(x, hi - 1)
+            return stochastic_select(z, w, q_hi, q_lo) if z is not None else interpolate(w, q_hi, q_lo)
+        (lo_h, hi_h), (lo_l, hi_l) = int_range(b_hi, self.signed), int_range(b_lo, self.signed)
+        bounds = (float(lo_h), float(hi_h), float(lo_l), float(hi_l))
+        s_hi, s_lo = self._scale(hi, x), self._scale(hi - 1, x)
+        if z is not None:
+            return sdq_select(x, z, w, s_hi, s_lo, *bounds, self.options.rounding)
+        return sdq_interpolate(x, w, s_hi, s_lo, *bounds, self.options.rounding)
 
     # -- bit-widths and export -------------------------------------------------------------------
     def bit_width(self) -> torch.Tensor:
