@@ -112,6 +112,7 @@ class CSQQuantizer(FakeQuantizer):
 
     replaces_weight = True
     budget_penalty = "signed"
+    bit_state = ("mu", "kept_mask")  # plane-mask logits and the planes kept so far
 
     def __init__(self, spec: QuantizerSpec, options: Optional[CSQOptions] = None) -> None:
         super().__init__(spec, options)

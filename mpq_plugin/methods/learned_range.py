@@ -251,6 +251,7 @@ class LearnedRangeQuantizer(FakeQuantizer):
 
     supports_per_channel = False
     budget_penalty = "hinge_sq"
+    bit_state = ("b", "bit_lo", "bit_hi")  # learned b (U1/U2/P1/P2) and the allowed bit range
 
     def __init__(self, spec: QuantizerSpec, options: Optional[LearnedRangeOptions] = None) -> None:
         super().__init__(spec, options)

@@ -57,6 +57,7 @@ class LSQQuantizer(FakeQuantizer):
     supports_per_channel = True
     budget_penalty = "none"
     searches_bits = False
+    bit_state = ()
 
     def __init__(self, spec: QuantizerSpec, options: Optional[LSQOptions] = None) -> None:
         super().__init__(spec, options)

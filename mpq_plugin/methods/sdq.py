@@ -203,6 +203,7 @@ class SDQQuantizer(FakeQuantizer):
     supports_per_channel = True
     budget_penalty = "hinge"
     searches_bits = True
+    bit_state = ("beta", "beta_logit", "level")  # candidate probabilities and the decay level
 
     def __init__(self, spec: QuantizerSpec, options: Optional[SDQOptions] = None) -> None:
         super().__init__(spec, options)

@@ -68,6 +68,9 @@ class FakeQuantizer(nn.Module):
     budget_penalty: ClassVar[str] = "hinge_sq"
     #: ``False`` for fixed-bit baselines (they need ``weight_bits`` as one integer)
     searches_bits: ClassVar[bool] = True
+    #: names of the parameters/buffers that decide the bit-width (what ``nn.sharing`` ties across
+    #: a group, e.g. q/k/v); ``None``: undeclared, so the bits of this method cannot be shared
+    bit_state: ClassVar[Optional[Tuple[str, ...]]] = None
 
     def __init__(self, spec: QuantizerSpec, options: Any = None) -> None:
         super().__init__()

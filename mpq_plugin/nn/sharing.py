@@ -17,8 +17,8 @@ subclass with that routing). Nothing is stored twice, so
 * the state dict holds the bit state once, under the leader (safetensors refuses aliased tensors),
   and ``.to(device)`` moves it once.
 
-The bit state of a method is named by the class attribute ``bit_state`` (parameter and buffer
-names; missing or ``None`` ones are skipped), or by :data:`BIT_STATE` for the built-in methods.
+The bit state of a method is named by its class attribute ``FakeQuantizer.bit_state`` (parameter
+and buffer names; missing or ``None`` ones are skipped).
 ``bits_fixed`` is always shared. What that gives per method:
 
 * ``sdq``: ``beta``/``beta_logit`` and ``level``: one decision during the search and at freeze;
@@ -44,16 +44,9 @@ from mpq_plugin.nn.fake_quantizer import FakeQuantizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BIT_STATE", "bit_leader", "bit_state_names", "group_min_bits", "share_bits", "share_layer_bits",
+__all__ = ["bit_leader", "bit_state_names", "group_min_bits", "share_bits", "share_layer_bits",
            "shared_bit_groups"]
 
-#: bit state of the built-in methods (a method class may declare its own ``bit_state``)
-BIT_STATE: Dict[str, Tuple[str, ...]] = {
-    "sdq": ("beta", "beta_logit", "level"),
-    "csq": ("mu", "kept_mask"),
-    "learned_range": ("b", "bit_lo", "bit_hi"),
-    "lsq": (),
-}
 _ALWAYS = ("bits_fixed",)
 
 
@@ -97,9 +90,7 @@ def bit_state_names(q: FakeQuantizer) -> Tuple[str, ...]:
     Raises:
         ValueError: ``q``'s method searches bits but does not say which state decides them.
     """
-    names = getattr(type(q), "bit_state", None)
-    if names is None:
-        names = BIT_STATE.get(q.method)
+    names = type(q).bit_state
     if names is None:
         if q.spec.fixed or not getattr(type(q), "searches_bits", True):
             names = ()
