@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mpq_plugin import cli
+from mpq_plugin.experiments.runner import _Runner
 from mpq_plugin.api import freeze
-from mpq_plugin.config import Budget, MPQConfig
+from mpq_plugin.config import Budget
 from mpq_plugin.datasets import load_digits_loaders
 from mpq_plugin.export import deploy
 from mpq_plugin.models import SmallCNN
@@ -130,7 +131,7 @@ def test_demo_runner_stores_the_best_searched_plan(tmp_path: Path) -> None:
                          groups=[(Budget(avg_weight_bits=3.0), [])],
                          fit_config=FitConfig(search_steps=1, finetune_steps=3, kd=True, progress_bar=None),
                          model_kwargs=KW)
-    runner = cli._Runner(exp)
+    runner = _Runner(exp)
 
     def row(label, acc, bits, kind="searched", error=None):
         return {"label": label, "kind": kind, "error": error, "accuracy": acc, "act_bits": 8,

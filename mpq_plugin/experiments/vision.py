@@ -7,7 +7,7 @@
   scikit-image's ``lfw_subset`` (100 face and 100 non-face 25x25 crops, resized to 24x24, half of
   each held out). Only the face-classification head is kept (the box-regression head is dropped).
 
-Every method runs through the demo's runner (:func:`mpq_plugin.cli.run_experiment_rows`), so the
+Every method runs through the demo's runner (:func:`mpq_plugin.experiments.runner.run_experiment_rows`), so the
 searched methods and the baselines share one float model, one data split and the same step counts;
 the seed varies the quantized training only (data order, quantizer init, HAWQ's probes). The float
 model is the same for every seed, as a pretrained checkpoint would be.
@@ -158,7 +158,7 @@ def _experiment(task: str, seed: int, run_dir: Path, steps: Dict[str, Any], budg
                 searched: Sequence[str], baselines: Sequence[str], model_factory: Callable[[], Any],
                 data_factory: Callable[[], Tuple[Any, Any]], float_checkpoint: Optional[Path]) -> Any:
     from mpq_plugin import Budget, MPQConfig
-    from mpq_plugin.cli import Experiment, _weighted_budget_options
+    from mpq_plugin.experiments.runner import Experiment, weighted_budget_options
     from mpq_plugin.search.trainer import FitConfig
 
     groups = []
@@ -168,7 +168,7 @@ def _experiment(task: str, seed: int, run_dir: Path, steps: Dict[str, Any], budg
         for key in searched:
             method, opts = SEARCHED[key]
             cfgs.append(MPQConfig(method=method, weight_bits=(2, 8), act_bits=8, budget=budget,
-                                  options={**_weighted_budget_options(method), **opts}))
+                                  options={**weighted_budget_options(method), **opts}))
         groups.append((budget, cfgs))
     fit_cfg = FitConfig(search_steps=steps["search"], finetune_steps=steps["finetune"], lr=steps["lr"],
                         bit_lr=steps["bit_lr"], kd=True, seed=seed, checkpoint_every=0, log_every=50,
@@ -220,7 +220,7 @@ def rows_from_report(task: str, report: Dict[str, Any], seed: int, metric: str =
 def _run(task: str, budgets: Optional[Sequence[float]], seeds: Optional[Sequence[int]], quick: bool,
          methods: Optional[Sequence[str]], model_factory: Callable[[], Any], loaders: Callable[[int], Tuple[Any, Any]],
          checkpoint: Optional[Callable[[Path], Path]], run_root: Optional[str]) -> List[ResultRow]:
-    from mpq_plugin.cli import run_experiment_rows
+    from mpq_plugin.experiments.runner import run_experiment_rows
 
     budgets = list(budgets or (QUICK_BUDGETS if quick else DEFAULT_BUDGETS))
     seeds = list(seeds if seeds is not None else (QUICK_SEEDS if quick else (0, 1, 2)))
