@@ -15,10 +15,18 @@ penalty of a search is not included). Variants, all in one process:
   ``nn.Linear`` (FX cannot trace ``BertForSequenceClassification``);
 * ``torch_ao_disabled``: the same model with fake-quant and observers disabled.
 
+With ``--compiled``, a second group, timed against its own reference ``compiled_float``:
+``torch.compile(model)`` of the float model and of every ``mpq_<method>`` model (the dispatcher
+returns the eager reference ops while tracing, so inductor fuses the quantizers into the model's
+graph). Compile time (the first steps) is measured apart and excluded; dynamo's graph count and
+graph breaks are recorded, and any graph compiled during the timed rounds (a recompile) is
+reported as ``graphs_compiled_while_timing``.
+
 Protocol (environment.md §4): rotated interleaved rounds, 2 warm-up + ``--rounds`` timed rounds;
 median of per-round ratios and ratio of min times against ``float``; foreign CPU load recorded.
 
-Run: ``python -m benchmarks.qat_step [--rounds 7] [--quick] [--models resnet20 bert]``.
+Run: ``python -m benchmarks.qat_step [--rounds 7] [--quick] [--compiled] [--models resnet20 bert]
+[--methods lsq sdq]``.
 Writes ``benchmarks/results/qat_step.json`` and ``qat_step.md``.
 """
 from __future__ import annotations
@@ -27,6 +35,7 @@ import argparse
 import copy
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -126,12 +135,44 @@ def _count_fake_quants(model: nn.Module) -> int:
     return sum(isinstance(m, FakeQuantizeBase) for m in model.modules())
 
 
-def bench_model(name: str, rounds: int, quick: bool) -> dict:
+def _dynamo_stats() -> Tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process, from dynamo's counters."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+
+
+def compiled_group(models: Dict[str, nn.Module], inputs: Tuple[torch.Tensor, ...], target: torch.Tensor,
+                   rounds: int, desc: str) -> dict:
+    """``torch.compile`` each model, run 2 compile steps apart (timed), then time the group."""
+    variants: Dict[str, Callable[[], None]] = {}
+    compile_info: Dict[str, dict] = {}
+    for k, m in models.items():
+        g0, b0 = _dynamo_stats()
+        step = _step(torch.compile(m), inputs, target)
+        t0 = time.perf_counter()
+        step()
+        step()
+        g1, b1 = _dynamo_stats()
+        compile_info[f"compiled_{k}"] = {"compile_s": round(time.perf_counter() - t0, 1), "graphs": g1 - g0,
+                                         "graph_breaks": b1 - b0}
+        variants[f"compiled_{k}"] = step
+    g0, _ = _dynamo_stats()
+    res = run_interleaved(variants, "compiled_float", rounds=rounds, desc=f"{desc} compiled")
+    res["graphs_compiled_while_timing"] = _dynamo_stats()[0] - g0
+    for k, info in compile_info.items():
+        res["variants"][k].update(info)
+    return res
+
+
+def bench_model(name: str, rounds: int, quick: bool, compiled: bool = False,
+                methods: List[str] | None = None) -> dict:
     build = {"resnet20": _resnet, "bert": _bert}[name]
     base, inputs, target = build(quick)
     models: Dict[str, nn.Module] = {"float": copy.deepcopy(base)}
-    for method in mpq_plugin.list_methods():
+    for method in methods or mpq_plugin.list_methods():
         models[f"mpq_{method}"] = _mpq(copy.deepcopy(base), method, inputs)
+    comp = {k: copy.deepcopy(m) for k, m in models.items()} if compiled else {}
     models["mpq_structure_only"] = _structure_only(_mpq(copy.deepcopy(base), "lsq", inputs))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices
@@ -147,7 +188,9 @@ def bench_model(name: str, rounds: int, quick: bool) -> dict:
     variants = {k: _step(m, inputs, target) for k, m in models.items()}
     res = run_interleaved(variants, "float", rounds=rounds, desc=name)
     res.update(model=name, batch=int(target.shape[0]), torch_ao=how, torch_ao_fake_quants=_count_fake_quants(ao),
-               mpq_layers=sum(1 for _ in quant_layers(models["mpq_lsq"])))
+               mpq_layers=sum(1 for _ in quant_layers(models["mpq_structure_only"])))
+    if compiled:
+        res["compiled"] = compiled_group(comp, inputs, target, rounds, name)
     return res
 
 
@@ -166,6 +209,17 @@ def to_markdown(res: dict) -> str:
                 ("met" if r["x_ref_median"] <= TARGET else "missed")
             lines.append(f"| {k} | {r['median_ms']:.1f} | {r['x_ref_median']:.2f} ({r['x_ref_min']:.2f}) | {ok} |")
         lines.append("")
+        c = m.get("compiled")
+        if c:
+            lines += [f"### {m['model']}, torch.compile(model) (foreign load {c['foreign_load_cores']} cores; "
+                      f"graphs compiled while timing: {c['graphs_compiled_while_timing']})", "",
+                      "| variant | median ms | / compiled float | target | compile s | graphs | graph breaks |",
+                      "|---|---|---|---|---|---|---|"]
+            for k, r in c["variants"].items():
+                ok = "" if k == "compiled_float" else ("met" if r["x_ref_median"] <= TARGET else "missed")
+                lines.append(f"| {k} | {r['median_ms']:.1f} | {r['x_ref_median']:.2f} ({r['x_ref_min']:.2f}) | {ok} "
+                             f"| {r['compile_s']} | {r['graphs']} | {r['graph_breaks']} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -174,11 +228,14 @@ def main(argv: List[str] | None = None) -> dict:
     p.add_argument("--models", nargs="+", default=["resnet20", "bert"], choices=["resnet20", "bert"])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="smaller batches (ResNet 16, BERT 4) and 3 rounds")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time torch.compile(model) of float and every method (compile time excluded)")
+    p.add_argument("--methods", nargs="+", default=None, help="methods to time (default: all registered)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     rounds = 3 if a.quick and a.rounds == 7 else a.rounds
     res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": a.quick,
-           "models": [bench_model(m, rounds, a.quick) for m in a.models]}
+           "models": [bench_model(m, rounds, a.quick, a.compiled, a.methods) for m in a.models]}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "qat_step.json").write_text(json.dumps(res, indent=2))
     md = to_markdown(res)

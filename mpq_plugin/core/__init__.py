@@ -2,6 +2,7 @@
 from mpq_plugin.core.ste import ROUNDING_MODES, ceil_ste, floor_ste, grad_scale, round_nograd, round_ste
 from mpq_plugin.core.affine import (
     fake_quantize,
+    float_range,
     int_range,
     pow2_round_ste,
     quantize_codes,
@@ -14,6 +15,7 @@ __all__ = [
     "QuantState",
     "ceil_ste",
     "fake_quantize",
+    "float_range",
     "grad_scale",
     "round_nograd",
     "floor_ste",

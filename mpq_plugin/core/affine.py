@@ -5,6 +5,7 @@ search never triggers a ``torch.compile`` recompile.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -23,6 +24,21 @@ def int_range(bits: torch.Tensor | int, signed: bool) -> Tuple[torch.Tensor, tor
     if signed:
         return -(2.0 ** (b - 1)), 2.0 ** (b - 1) - 1
     return torch.zeros_like(b), 2.0**b - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _float_range_cached(bits: int, signed: bool) -> Tuple[float, float]:
+    qmin, qmax = int_range(bits, signed)
+    return float(qmin), float(qmax)
+
+
+def float_range(bits: int, signed: bool) -> Tuple[float, float]:
+    """:func:`int_range` as Python floats (same values), computed once per integer ``(bits, signed)``:
+    a forward pass would otherwise spend a handful of tensor ops and host reads on constants."""
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        return _float_range_cached(bits, bool(signed))
+    qmin, qmax = int_range(bits, signed)
+    return float(qmin), float(qmax)
 
 
 def reshape_for_axis(p: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:

@@ -5,13 +5,15 @@ Ops (each one method's quantizer, the reference is the pure core function of the
 pair of adjacent bit-widths), ``uniform_fake_quant`` / ``pow2_fake_quant`` (learned range),
 ``bitplane_weight`` / ``pact_quantize`` (CSQ weights / activations).
 
-``MPQ_KERNELS`` (read on every call) forces a path: ``triton``, ``compiled`` or ``eager``;
-unset or ``auto`` picks the best that applies:
+``MPQ_KERNELS`` (looked up on every call, parsed only when its value changes) forces a path:
+``triton``, ``compiled`` or ``eager``; unset or ``auto`` picks the best that applies:
 
 * ``triton`` -- a CUDA tensor, arguments the op's Triton kernel covers (float32, per-tensor or
   per-channel parameters, float bounds; see ``triton_supports``), and triton importable;
 * ``compiled`` -- a CPU tensor with at least :data:`COMPILE_MIN_NUMEL` elements (below that the
-  ~1 s compile per new shape cannot pay off);
+  one-off compile cannot pay off; after the second shape inductor compiles shape-generic, so a
+  training loop compiles each op about twice per process), or :data:`OP_COMPILE_MIN_NUMEL` for
+  ops whose compiled form matches eager to float tolerance only (CSQ's plane sum);
 * ``eager`` -- everything else, and always while tracing (``torch.compile``/export, FX,
   ``torch.jit.trace``), so an outer tracer sees the plain reference ops.
 
@@ -35,8 +37,12 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "compiled", "eager")
 ENV = "MPQ_KERNELS"
-COMPILE_MIN_NUMEL = 1 << 20
+COMPILE_MIN_NUMEL = 1 << 16
+#: per-op thresholds overriding :data:`COMPILE_MIN_NUMEL`: CSQ's compiled synthesis is exact to
+#: float tolerance only, so it stays eager on the (small) weights of ordinary layers
+OP_COMPILE_MIN_NUMEL: Dict[str, int] = {"bitplane_weight": 1 << 20}
 _logged: set = set()
+_env_cache: Tuple[Optional[str], str] = ("", "auto")  # (raw MPQ_KERNELS, parsed) of the last lookup
 
 #: op -> (module under mpq_plugin.kernels, function) of its Triton implementation
 TRITON_OPS: Dict[str, Tuple[str, str]] = {
@@ -49,9 +55,14 @@ TRITON_OPS: Dict[str, Tuple[str, str]] = {
 
 def requested() -> str:
     """The path forced by ``MPQ_KERNELS`` (``auto`` when unset); raises on an unknown value."""
-    value = os.environ.get(ENV, "").strip().lower() or "auto"
+    global _env_cache
+    raw = os.environ.get(ENV, "")
+    if raw == _env_cache[0]:
+        return _env_cache[1]
+    value = raw.strip().lower() or "auto"
     if value not in BACKENDS + ("auto",):
         raise ValueError(f"{ENV}={value!r} is not a kernel path; use one of {BACKENDS + ('auto',)} or unset it")
+    _env_cache = (raw, value)
     return value
 
 
@@ -124,33 +135,43 @@ def _tracing(x: torch.Tensor) -> bool:
         or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
-def select_path(x: torch.Tensor, triton_ok: bool, force: Optional[str] = None) -> str:
-    """Path for an op on ``x`` whose Triton kernel covers its arguments when ``triton_ok``."""
+def select_path(x: torch.Tensor, triton_ok: Union[bool, Callable[[], bool]], force: Optional[str] = None,
+                min_numel: Optional[int] = None) -> str:
+    """Path for an op on ``x`` whose Triton kernel covers its arguments when ``triton_ok``.
+
+    ``triton_ok`` may be a callable, evaluated only where the answer matters (a CUDA tensor or a
+    forced ``triton``), which keeps the per-call cost of CPU dispatch low. ``min_numel``: the
+    compile threshold (default :data:`COMPILE_MIN_NUMEL`).
+    """
     want = force or requested()
     if want == "eager" or _tracing(x):
         return "eager"
     if want == "triton":
         if not triton_available():
             raise ValueError(f"{ENV}=triton but triton is not installed; pip install triton or unset {ENV}")
-        return "triton" if triton_ok else "compiled"
+        return "triton" if _truth(triton_ok) else "compiled"
     if want == "compiled":
         return "compiled"
-    if x.is_cuda and triton_ok and triton_available():
-        return "triton"
-    if not x.is_cuda and x.numel() >= COMPILE_MIN_NUMEL:
+    if x.is_cuda:
+        return "triton" if _truth(triton_ok) and triton_available() else "eager"
+    if x.numel() >= (COMPILE_MIN_NUMEL if min_numel is None else min_numel):
         return "compiled"
     return "eager"
+
+
+def _truth(v: Union[bool, Callable[[], bool]]) -> bool:
+    return v() if callable(v) else bool(v)
 
 
 def select(x: torch.Tensor, scale: torch.Tensor, zero_point=0.0, qmin=None, qmax=None,
            force: Optional[str] = None) -> str:
     """Name of the path :func:`fake_quantize` would run for these arguments."""
-    return select_path(x, triton_supports(x, scale, zero_point, qmin, qmax), force)
+    return select_path(x, lambda: triton_supports(x, scale, zero_point, qmin, qmax), force)
 
 
 def select_op(op: str, *args: Any, force: Optional[str] = None) -> str:
     """Name of the path :func:`run` would take for ``op`` on ``args``."""
-    return select_path(args[0], op_triton_supports(op, args), force)
+    return select_path(args[0], lambda: op_triton_supports(op, args), force, OP_COMPILE_MIN_NUMEL.get(op))
 
 
 def run(op: str, *args: Any) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mpq_plugin.config import MethodOptions
-from mpq_plugin.core.affine import int_range, quantize_codes, reshape_for_axis
+from mpq_plugin.core.affine import float_range, int_range, quantize_codes, reshape_for_axis
 from mpq_plugin.core.state import QuantState
 from mpq_plugin.kernels import fake_quantize as kernel_fake_quantize
 from mpq_plugin.core.ste import ROUNDING_MODES, grad_scale
@@ -50,6 +50,7 @@ def _abs_stat(x: torch.Tensor, axis: Optional[int], channels: Optional[int], sta
     return a.mean(dim=1) if stat == "mean" else a.amax(dim=1)
 
 
+
 @register_method("lsq", LSQOptions)
 class LSQQuantizer(FakeQuantizer):
     """LSQ: uniform bit-width, learned step (the uniform baseline)."""
@@ -70,8 +71,7 @@ class LSQQuantizer(FakeQuantizer):
         self.step = nn.Parameter(torch.ones(spec.channels or 1))
 
     def _range(self) -> tuple:
-        qmin, qmax = int_range(self.bits, self.signed)
-        return float(qmin), float(qmax)
+        return float_range(self.bits, self.signed)
 
     def initialize(self, x: torch.Tensor) -> None:
         _, qmax = self._range()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mpq_plugin.config import MAX_BITS, MIN_BITS, MethodOptions
-from mpq_plugin.core.affine import fake_quantize, int_range, quantize_codes, reshape_for_axis
+from mpq_plugin.core.affine import fake_quantize, float_range, int_range, quantize_codes, reshape_for_axis
 from mpq_plugin.core.bitwidth import interpolated_bits
 from mpq_plugin.core.mixture import _StochasticSelect, interpolate, stochastic_select  # noqa: F401  (moved to core)
 from mpq_plugin.core.state import QuantState
@@ -148,6 +148,7 @@ def gumbel_relaxed(logit: torch.Tensor, u: torch.Tensor, tau: float) -> torch.Te
     return torch.sigmoid((logit + torch.log1p(-u) - torch.log(u)) / tau)
 
 
+
 # -- per-candidate quantizer ----------------------------------------------------------------------
 def quantize_b(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool,
                rounding: str = "half_even") -> torch.Tensor:
@@ -157,8 +158,8 @@ def quantize_b(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool,
     """
     if signed and bits == 1:
         return _SignSTE.apply(x / scale) * scale
-    qmin, qmax = int_range(bits, signed)
-    return fake_quantize(x, scale, 0.0, float(qmin), float(qmax), rounding)
+    qmin, qmax = float_range(bits, signed)
+    return fake_quantize(x, scale, 0.0, qmin, qmax, rounding)
 
 
 def _rows(x: torch.Tensor, axis: Optional[int], channels: Optional[int]) -> torch.Tensor:
@@ -167,7 +168,7 @@ def _rows(x: torch.Tensor, axis: Optional[int], channels: Optional[int]) -> torc
 
 
 def _qmax_for_init(bits: int, signed: bool) -> float:
-    return max(float(int_range(bits, signed)[1]), 1.0)
+    return max(float_range(bits, signed)[1], 1.0)
 
 
 def lsq_init_step(x: torch.Tensor, bits: int, signed: bool, axis: Optional[int],
@@ -373,8 +374,8 @@ class SDQQuantizer(FakeQuantizer):
         bits = self.candidates[k]
         if self.signed and bits == 1:
             return quantize_b(x, self._scale(k, x), bits, True, self.options.rounding)
-        qmin, qmax = int_range(bits, self.signed)
-        return kernel_fake_quantize(x, self._scale(k, x), 0.0, float(qmin), float(qmax), self.options.rounding)
+        qmin, qmax = float_range(bits, self.signed)
+        return kernel_fake_quantize(x, self._scale(k, x), 0.0, qmin, qmax, self.options.rounding)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not self._has_pair():
@@ -407,8 +408,7 @@ class SDQQuantizer(FakeQuantizer):
         if self.signed and b_lo == 1:
             q_hi, q_lo = self.quantize_candidate(x, hi), self.quantize_candidate(x, hi - 1)
             return stochastic_select(z, w, q_hi, q_lo) if z is not None else interpolate(w, q_hi, q_lo)
-        (lo_h, hi_h), (lo_l, hi_l) = int_range(b_hi, self.signed), int_range(b_lo, self.signed)
-        bounds = (float(lo_h), float(hi_h), float(lo_l), float(hi_l))
+        bounds = float_range(b_hi, self.signed) + float_range(b_lo, self.signed)
         s_hi, s_lo = self._scale(hi, x), self._scale(hi - 1, x)
         if z is not None:
             return sdq_select(x, z, w, s_hi, s_lo, *bounds, self.options.rounding)
