@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--tasks", default=None, metavar="A,B",
                    help="comma-separated task names (default: all; see mpq_plugin.experiments.TASKS)")
     x.add_argument("--out", default="docs", help="writes OUT/results.md and OUT/results/<task>.json|png")
-    x.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds 0..N-1 (default 3; 1 with --quick)")
+    x.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="seeds 0..N-1 (default: 3 for the vision tasks, 1 for the MiniLM ones; 1 with --quick)")
     x.add_argument("--budget", nargs="+", type=_positive_float, default=None, metavar="BITS",
                    help="average weight bits (default 2 3 4; 3 with --quick)")
     x.add_argument("--report-only", action="store_true", help="rebuild results.md and the plots from the JSONs")
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--jobs", type=int, default=1,
                    help="run up to N tasks at once, each in its own process (default 1)")
     x.add_argument("--no-report", action="store_true", help="write the task JSONs only")
+    x.add_argument("--resume", action="store_true",
+                   help="keep the (budget, seed) pairs already in OUT/results/<task>.json, run the rest one at a "
+                        "time and save after each (an interrupted run continues where it stopped)")
     return p
 
 
@@ -400,9 +404,10 @@ def _results(args: argparse.Namespace) -> int:
     A task whose module cannot be imported or that fails is logged and left out; the report lists
     it as missing. Exit code 1 when any task failed.
     """
-    from mpq_plugin.experiments import TASKS
+    from mpq_plugin.experiments import DEFAULT_SEEDS, TASKS
     from mpq_plugin.experiments.common import save_task_json, task_env
     from mpq_plugin.experiments.report import build_report
+    from mpq_plugin.experiments.resume import run_resumable
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(TASKS)
     bad = [t for t in tasks if t not in TASKS]
@@ -418,25 +423,29 @@ def _results(args: argparse.Namespace) -> int:
         failed = _results_parallel(args, tasks)
     elif not args.report_only:
         budgets = [float(b) for b in args.budget] if args.budget else ([3.0] if args.quick else [2.0, 3.0, 4.0])
-        seeds = list(range(args.seeds or (1 if args.quick else 3)))
         for task in tasks:
+            seeds = list(range(args.seeds or (1 if args.quick else DEFAULT_SEEDS.get(task, 3))))
             mod_name, _, fn_name = TASKS[task].partition(":")
             t0 = time.perf_counter()
             log.info("task %s: budgets %s, seeds %s%s", task, budgets, seeds, " (quick)" if args.quick else "")
+            path = out / "results" / f"{task}.json"
             try:
                 mod = importlib.import_module(mod_name)
+                config: Dict[str, Any] = {"quick": args.quick, "budgets": budgets, "seeds": seeds}
+                if hasattr(mod, "settings"):
+                    st = mod.settings(args.quick)
+                    config["settings"] = st.get(task, st) if isinstance(st, dict) else st
+                if args.resume:
+                    run_resumable(task, getattr(mod, fn_name), path, budgets, seeds, args.quick, config,
+                                  task_env(args.threads))
+                    continue
                 rows = getattr(mod, fn_name)(budgets=budgets, seeds=seeds, quick=args.quick, methods=None)
             except Exception as e:  # noqa: BLE001 - one broken task must not lose the others
                 log.error("task %s failed: %s: %s", task, type(e).__name__, e)
                 failed.append(task)
                 continue
             wall = time.perf_counter() - t0
-            config: Dict[str, Any] = {"quick": args.quick, "budgets": budgets, "seeds": seeds}
-            if hasattr(mod, "settings"):
-                st = mod.settings(args.quick)
-                config["settings"] = st.get(task, st) if isinstance(st, dict) else st
-            path = save_task_json(out / "results" / f"{task}.json", task, rows, config, wall,
-                                  env=task_env(args.threads))
+            path = save_task_json(path, task, rows, config, wall, env=task_env(args.threads))
             log.info("task %s: %d rows in %.1f min -> %s", task, len(rows), wall / 60, path)
     if not args.no_report:
         md = build_report(out, tasks=tasks if args.tasks else None, plots=not args.no_plots)
@@ -455,6 +464,7 @@ def _results_parallel(args: argparse.Namespace, tasks: Sequence[str]) -> List[st
     base = [sys.executable, "-m", "mpq_plugin.cli", "results", "--no-report", "--out", args.out,
             "--threads", str(args.threads)]
     base += ["--quick"] if args.quick else []
+    base += ["--resume"] if args.resume else []
     base += ["--seeds", str(args.seeds)] if args.seeds else []
     base += ["--budget", *[f"{b:g}" for b in args.budget]] if args.budget else []
     pending, running, failed = list(tasks), [], []
