@@ -37,8 +37,11 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run
+# no install step: on a GPU machine without network, any Python that has torch (+ triton) runs it
+# from the repository root (`make bench BENCH_PY=python3`); here it uses .venv when it exists
+BENCH_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+bench:
+	$(BENCH_PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import logging
 import time
@@ -234,8 +235,12 @@ def main(argv: List[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     rounds = 3 if a.quick and a.rounds == 7 else a.rounds
+    models = list(a.models)
+    if "bert" in models and importlib.util.find_spec("transformers") is None:
+        logging.getLogger(__name__).warning("transformers is not installed: the BERT QAT step is skipped")
+        models.remove("bert")
     res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": a.quick,
-           "models": [bench_model(m, rounds, a.quick, a.compiled, a.methods) for m in a.models]}
+           "models": [bench_model(m, rounds, a.quick, a.compiled, a.methods) for m in models]}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "qat_step.json").write_text(json.dumps(res, indent=2))
     md = to_markdown(res)
