@@ -62,6 +62,10 @@ def test_table_and_headline():
     assert "2 bits" in h[0] and "`sdq` 82.0" in h[0] and "`lsq` 71.0" in h[0] and "wins" in h[0]
     assert "3 bits" in h[1] and "ties" in h[1] and "RTN PTQ 30.0" in h[1]
     assert "held-out loss: `sdq` 0.0800 vs `lsq` 0.0900" in h[1]  # a tie names the lower loss
+    one_seed = [r for r in rows if r.seed == rows[0].seed or r.method == "float"]
+    h1 = headline(TASK, one_seed)
+    assert any("one seed: no spread, not a verdict" in line for line in h1)
+    assert not any("wins" in line or "loses" in line for line in h1)
 
 
 def test_json_round_trip_and_task_mismatch(tmp_path):

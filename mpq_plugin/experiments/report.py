@@ -188,6 +188,8 @@ def headline(task: str, rows: Sequence[ResultRow]) -> List[str]:
         d = (lm[1].mean - bl[1].mean) * _scale(metric)
         verdict = "wins" if lm[1].mean - bl[1].mean > max(lm[1].spread, bl[1].spread) else (
             "loses" if bl[1].mean - lm[1].mean > max(lm[1].spread, bl[1].spread) else "ties (within spread)")
+        if min(lm[1].n, bl[1].n) < 2 and not verdict.startswith("ties"):  # no spread to judge a gap by
+            verdict = ("is ahead" if d > 0 else "is behind") + " (one seed: no spread, not a verdict)"
         text = (f"- **{task}, {b:g} bits**: best learned `{lm[0]}` {_fmt(lm[1].mean, metric)} vs best baseline "
                 f"`{bl[0]}` {_fmt(bl[1].mean, metric)} ({d:+.2f}{' pts' if metric in _PERCENT else ''}): "
                 f"learned MPQ {verdict}")
