@@ -5,7 +5,6 @@ search never triggers a ``torch.compile`` recompile.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -26,17 +25,14 @@ def int_range(bits: torch.Tensor | int, signed: bool) -> Tuple[torch.Tensor, tor
     return torch.zeros_like(b), 2.0**b - 1
 
 
-@functools.lru_cache(maxsize=None)
-def _float_range_cached(bits: int, signed: bool) -> Tuple[float, float]:
-    qmin, qmax = int_range(bits, signed)
-    return float(qmin), float(qmax)
-
-
 def float_range(bits: int, signed: bool) -> Tuple[float, float]:
-    """:func:`int_range` as Python floats (same values), computed once per integer ``(bits, signed)``:
-    a forward pass would otherwise spend a handful of tensor ops and host reads on constants."""
+    """:func:`int_range` as Python floats (same values). Integer ``bits`` are computed in plain
+    Python: no tensor ops per forward pass, and ``torch.compile`` folds them into constants instead
+    of breaking the graph on a host read."""
     if isinstance(bits, int) and not isinstance(bits, bool):
-        return _float_range_cached(bits, bool(signed))
+        if signed:
+            return -float(2 ** (bits - 1)), float(2 ** (bits - 1) - 1)
+        return 0.0, float(2**bits - 1)
     qmin, qmax = int_range(bits, signed)
     return float(qmin), float(qmax)
 

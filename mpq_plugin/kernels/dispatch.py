@@ -178,7 +178,7 @@ def run(op: str, *args: Any) -> torch.Tensor:
     """Run ``op`` (a reference function name) on the best available path: same bits as eager."""
     name = select_op(op, *args)
     key = (op, name)
-    if key not in _logged:
+    if key not in _logged and not torch.compiler.is_compiling():  # a log call while tracing breaks the graph
         _logged.add(key)
         log.info("mpq_plugin fake-quant kernels: %s path in use for %s (%s=%s)", name, op, ENV, requested())
     if name == "triton":

@@ -113,6 +113,7 @@ class CSQQuantizer(FakeQuantizer):
     replaces_weight = True
     budget_penalty = "signed"
     bit_state = ("mu", "kept_mask")  # plane-mask logits and the planes kept so far
+    host_state = FakeQuantizer.host_state + ("kept_mask", "act_bits_t")  # ticket planes, activation bits
 
     def __init__(self, spec: QuantizerSpec, options: Optional[CSQOptions] = None) -> None:
         super().__init__(spec, options)
@@ -130,7 +131,7 @@ class CSQQuantizer(FakeQuantizer):
             )
         self.n_planes = spec.bits[1] - 1
         self.floor = spec.bits[0] - 1  # protected MSB planes
-        self.signed_flag.fill_(1)  # the p/n split always carries a sign
+        self.set_host("signed_flag", 1)  # the p/n split always carries a sign
         shape = tuple(spec.shape) + (self.n_planes,) if spec.shape is not None else (0,)
         self.p = nn.Parameter(torch.zeros(shape))
         self.n = nn.Parameter(torch.zeros(shape))
@@ -140,8 +141,7 @@ class CSQQuantizer(FakeQuantizer):
 
     def _init_act_params(self, spec: QuantizerSpec) -> None:
         global _logged_act_range
-        self.act_bits = spec.bits[1]  # mirrored in a buffer so force_bits survives state_dict
-        self.register_buffer("act_bits_t", torch.tensor(self.act_bits))
+        self.register_buffer("act_bits_t", torch.tensor(spec.bits[1]))  # a buffer: force_bits survives state_dict
         if not spec.fixed and not _logged_act_range:
             log.info("csq does not search activation bits; using the maximum of the range %s", spec.bits)
             _logged_act_range = True
@@ -150,6 +150,11 @@ class CSQQuantizer(FakeQuantizer):
     @property
     def is_weight(self) -> bool:
         return self.spec.role == "weight"
+
+    @property
+    def act_bits(self) -> int:
+        """Activation bit-width (activation quantizers only)."""
+        return self.host("act_bits_t")
 
     # -- initialization ---------------------------------------------------------------------
     def initialize(self, x: torch.Tensor) -> None:
@@ -202,9 +207,9 @@ class CSQQuantizer(FakeQuantizer):
 
     def fix_bits(self) -> None:
         """The ticket: masks become hard (``mu >= 0`` kept) and are locked from now on."""
-        if self.is_weight and not bool(self.bits_fixed):
+        if self.is_weight and not self.host("bits_fixed"):
             with torch.no_grad():
-                self.kept_mask.copy_(self._kept_from_mu())
+                self.set_host("kept_mask", self._kept_from_mu())
         super().fix_bits()
 
     def bit_parameters(self) -> List[nn.Parameter]:
@@ -231,8 +236,7 @@ class CSQQuantizer(FakeQuantizer):
         if not lo <= int(b) <= hi:
             raise ValueError(f"force_bits({b}) is outside this quantizer's bit range {self.spec.bits}")
         if not self.is_weight:
-            self.act_bits = int(b)
-            self.act_bits_t.fill_(int(b))
+            self.set_host("act_bits_t", int(b))
             return
         with torch.no_grad():
             free = self.mu[self.floor:]
@@ -244,8 +248,8 @@ class CSQQuantizer(FakeQuantizer):
             upd = torch.where(keep, self.mu.clamp_min(0.0), self.mu.clamp_max(-1e-3))
             upd[: self.floor] = self.mu[: self.floor]
             self.mu.copy_(upd)
-            if bool(self.bits_fixed):
-                self.kept_mask.copy_(keep)
+            if self.host("bits_fixed"):
+                self.set_host("kept_mask", keep)
 
     def budget_weight(self, num_params: int) -> float:
         """Weight of this layer's planes in the budget ratio ``R`` (``options.budget_ratio``)."""
@@ -259,11 +263,11 @@ class CSQQuantizer(FakeQuantizer):
 
     def kept_planes(self) -> torch.Tensor:
         """Boolean ``(N,)``: planes the frozen model keeps (locked after ``fix_bits``)."""
-        return self.kept_mask.clone() if bool(self.bits_fixed) else self._kept_from_mu()
+        return self.kept_mask.clone() if self.host("bits_fixed") else self._kept_from_mu()
 
     def masks(self) -> torch.Tensor:
         """Current plane masks: soft during the search, hard 0/1 after ``fix_bits``."""
-        if bool(self.bits_fixed):
+        if self.host("bits_fixed"):
             return self.kept_mask.to(self.mu.dtype)
         return soft_masks(self.mu, self.temperature, self.floor)
 
@@ -284,7 +288,7 @@ class CSQQuantizer(FakeQuantizer):
         return self._weight()
 
     def _weight(self) -> torch.Tensor:
-        if not bool(self.bits_fixed):
+        if not self.host("bits_fixed"):
             return bitplane_weight(self.p, self.n, self.masks(), self.s, self.temperature)
         if self.options.ticket_bits == "soft":
             return bitplane_weight(self.p, self.n, self.masks(), self.s, self.temperature)
@@ -293,7 +297,10 @@ class CSQQuantizer(FakeQuantizer):
 
     def _plane_layout(self) -> Tuple[List[int], int]:
         """Kept plane indices and the exponent ``e_min`` of the lowest kept plane."""
-        kept = [int(i) for i in torch.nonzero(self.kept_planes()).flatten()]
+        if self.host("bits_fixed"):  # host values: no graph break under torch.compile
+            kept = [i for i, k in enumerate(self.host("kept_mask")) if k]
+        else:
+            kept = [int(i) for i in torch.nonzero(self._kept_from_mu()).flatten()]
         return kept, (self.n_planes - 1 - kept[-1]) if kept else 0
 
     def _exact(self) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
@@ -310,7 +317,7 @@ class CSQQuantizer(FakeQuantizer):
         return self.s * (2.0**e_min / (2.0**self.n_planes - 1))
 
     def float_weight(self) -> torch.Tensor:
-        if not bool(self.initialized):
+        if not self.host("initialized"):
             raise RuntimeError("csq weight quantizer is not initialized: run it on the float weight first")
         if not self.is_weight:
             raise RuntimeError("float_weight() is for weight quantizers; this one quantizes activations")
@@ -331,7 +338,7 @@ class CSQQuantizer(FakeQuantizer):
         """
         if not self.is_weight:
             return self._freeze_act()
-        if not bool(self.initialized):
+        if not self.host("initialized"):
             raise RuntimeError("csq weight quantizer is not initialized: run it on the float weight first")
         with torch.no_grad():
             codes, scale, kept = self._exact()
@@ -345,7 +352,7 @@ class CSQQuantizer(FakeQuantizer):
             method=self.method,
             extra={"n_planes": self.n_planes, "kept_planes": kept, "magnitude_planes": len(kept),
                    "span": span, "low_plane_exponent": self._plane_layout()[1],
-                   "exact_forward": bool(self.bits_fixed) and self.options.ticket_bits == "hard"},
+                   "exact_forward": self.host("bits_fixed") and self.options.ticket_bits == "hard"},
         )
         state.check()
         return state
@@ -366,8 +373,6 @@ class CSQQuantizer(FakeQuantizer):
                 if key in state_dict and param is not None and param.numel() == 0:
                     param.data = torch.empty_like(state_dict[key], dtype=param.dtype, device=param.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if not self.is_weight:
-            self.act_bits = int(self.act_bits_t)
 
     def extra_repr(self) -> str:
         if self.is_weight:

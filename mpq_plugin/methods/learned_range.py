@@ -407,7 +407,7 @@ class LearnedRangeQuantizer(FakeQuantizer):
         range so that it still flows where it moves the bits back inside (a penalty can lower
         bits pinned at ``hi``). Before the first forward: the initial bits.
         """
-        if not bool(self.initialized):
+        if not self.host("initialized"):
             return torch.tensor(float(self.init_bits), device=self.bit_lo.device)
         self._maybe_project()
         if self.pow2_family:
@@ -453,7 +453,7 @@ class LearnedRangeQuantizer(FakeQuantizer):
         the uniform grid of step ``q_min`` (every level is ``±2^k q_min``), ``bits`` = the width of
         that grid; ``extra["pow2_bits"]`` is the sign+exponent storage width (= ``bit_width()``).
         """
-        if not bool(self.initialized):
+        if not self.host("initialized"):
             if x is None:
                 raise ValueError("freeze(): this quantizer has not seen a tensor yet; run a forward pass first")
             self._initialize_from(x)
@@ -499,7 +499,7 @@ class LearnedRangeQuantizer(FakeQuantizer):
         self._maybe_project()
 
     def _maybe_project(self) -> None:
-        if self.options.sony_code_extras and bool(self.initialized):
+        if self.options.sony_code_extras and self.host("initialized"):
             self.project_()
 
     @torch.no_grad()

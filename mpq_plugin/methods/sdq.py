@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -138,7 +138,7 @@ class _SignSTE(torch.autograd.Function):
         return g * (v.abs() <= 1).to(g.dtype)
 
 
-def gumbel_relaxed(logit: torch.Tensor, u: torch.Tensor, tau: float) -> torch.Tensor:
+def gumbel_relaxed(logit: torch.Tensor, u: torch.Tensor, tau: Union[float, torch.Tensor]) -> torch.Tensor:
     """Binary concrete sample ``sigmoid((logit + log(1-u) - log u) / tau)`` for ``u ~ U(0,1)``.
 
     ``log(1-u) - log(u)`` is logistic noise (a difference of two Gumbels); the relaxed sample is
@@ -205,6 +205,7 @@ class SDQQuantizer(FakeQuantizer):
     budget_penalty = "hinge"
     searches_bits = True
     bit_state = ("beta", "beta_logit", "level")  # candidate probabilities and the decay level
+    host_state = FakeQuantizer.host_state + ("level",)
 
     def __init__(self, spec: QuantizerSpec, options: Optional[SDQOptions] = None) -> None:
         super().__init__(spec, options)
@@ -254,7 +255,7 @@ class SDQQuantizer(FakeQuantizer):
         return self.role == "weight" and len(self.candidates) > 1
 
     def _has_pair(self) -> bool:
-        return self.searching and not bool(self.bits_fixed) and int(self.level) > 0
+        return self.searching and not self.host("bits_fixed") and self.host("level") > 0
 
     def beta_value(self) -> torch.Tensor:
         """``beta`` of the current pair in [0, 1] (differentiable; 1.0 when there is no pair)."""
@@ -269,7 +270,7 @@ class SDQQuantizer(FakeQuantizer):
         return [p for p in (self.beta, self.beta_logit) if p is not None]
 
     def _hard_index(self) -> int:
-        level = int(self.level)
+        level = self.host("level")
         if not self._has_pair():
             return level
         return level if float(self.beta_value().detach()) >= 0.5 else level - 1
@@ -298,8 +299,8 @@ class SDQQuantizer(FakeQuantizer):
         beta = float(self.beta_value().detach())
         if beta >= self.options.decay_threshold:
             return False
-        old = int(self.level)
-        self.level.fill_(old - 1)
+        old = self.host("level")
+        self.set_host("level", old - 1)
         self._reset_beta()
         log.info("sdq: weight %s decays %d -> %d bits (beta=%.4f < %g)", tuple(self.spec.shape or ()),
                  self.candidates[old], self.candidates[old - 1], beta, self.options.decay_threshold)
@@ -310,7 +311,7 @@ class SDQQuantizer(FakeQuantizer):
 
         Call after each optimizer step (or as often as decays should be checked).
         """
-        if bool(self.bits_fixed):
+        if self.host("bits_fixed"):
             return
         self.project_()
         self.decay_step()
@@ -334,7 +335,7 @@ class SDQQuantizer(FakeQuantizer):
         if self.candidates[k] != int(b):
             log.warning("sdq: force_bits(%d) is not a candidate %s; using %d bits", b, self.candidates,
                         self.candidates[k])
-        self.level.fill_(k)
+        self.set_host("level", k)
         with torch.no_grad():
             if self.beta is not None:
                 self.beta.fill_(1.0)
@@ -343,7 +344,7 @@ class SDQQuantizer(FakeQuantizer):
 
     def fix_bits(self) -> None:
         """Keep the hard choice (``b_i`` if ``beta >= 0.5`` else ``b_{i-1}``) from now on."""
-        self.level.fill_(self._hard_index())
+        self.set_host("level", self._hard_index())
         super().fix_bits()
 
     # -- quantization ----------------------------------------------------------------------------
@@ -379,8 +380,8 @@ class SDQQuantizer(FakeQuantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not self._has_pair():
-            return self.quantize_candidate(x, int(self.level))
-        hi = int(self.level)
+            return self.quantize_candidate(x, self.host("level"))
+        hi = self.host("level")
         beta = self.beta_value()
         if not self.training:
             return self._mix(x, hi, beta.detach() >= 0.5, beta)
@@ -393,7 +394,7 @@ class SDQQuantizer(FakeQuantizer):
         else:
             b = _ClampSTE.apply(beta, GUMBEL_EPS, 1.0 - GUMBEL_EPS)
             logit = torch.log(b) - torch.log1p(-b)
-        z_soft = gumbel_relaxed(logit, u.to(logit.dtype), float(self.tau))
+        z_soft = gumbel_relaxed(logit, u.to(logit.dtype), self.tau)  # a tensor: set_progress recompiles nothing
         if self.options.gumbel_hard:
             return self._mix(x, hi, z, z_soft)
         return self._mix(x, hi, None, z_soft)
@@ -418,8 +419,8 @@ class SDQQuantizer(FakeQuantizer):
     def bit_width(self) -> torch.Tensor:
         """Expected bits ``beta b_i + (1 - beta) b_{i-1}`` (differentiable in beta); fixed: ``b``."""
         if not self._has_pair():
-            return torch.tensor(float(self.candidates[int(self.level)]), device=self.steps.device)
-        hi = int(self.level)
+            return torch.tensor(float(self.candidates[self.host("level")]), device=self.steps.device)
+        hi = self.host("level")
         return interpolated_bits(self.beta_value(), float(self.candidates[hi - 1]), float(self.candidates[hi]))
 
     def hard_bit_width(self) -> torch.Tensor:
@@ -458,4 +459,4 @@ class SDQQuantizer(FakeQuantizer):
                           codes=codes, axis=axis, method=self.method, extra=extra)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, candidates={self.candidates}, level={int(self.level)}"
+        return f"{super().extra_repr()}, candidates={self.candidates}, level={self.host('level')}"

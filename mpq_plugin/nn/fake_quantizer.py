@@ -11,16 +11,35 @@ the library (search, export, integrations) sees it only through this interface:
 * ``fix_bits()``: end of search, the bit-width is fixed from now on (finetune phase);
 * ``freeze(x) -> QuantState``: integer codes, scale, zero point and bits, such that
   ``freeze(x).dequantize() == forward(x)`` bit for bit once bits are fixed.
+
+Host state: buffers whose value steers the forward's Python control flow (``initialized``,
+``signed_flag``, ``bits_fixed``, a method's level or kept planes; ``host_state``) are read with
+:meth:`FakeQuantizer.host` and written with :meth:`FakeQuantizer.set_host`. Each has a plain Python
+mirror, so ``torch.compile`` reads a constant it guards on instead of breaking the graph on
+``.item()``, and recompiles only when such a value changes (an SDQ decay, ``fix_bits``). Values
+that change every step (temperatures, SDQ samples) stay in tensors.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from mpq_plugin.core.state import QuantState
+
+
+HostValue = Union[bool, int, Tuple[Any, ...]]
+
+
+def host_attr(name: str) -> str:
+    """Attribute holding the Python mirror of the host-state buffer ``name``."""
+    return "_host_" + name
+
+
+def _host_value(buf: torch.Tensor) -> HostValue:
+    return buf.item() if buf.dim() == 0 else tuple(buf.tolist())
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,8 @@ class FakeQuantizer(nn.Module):
     #: names of the parameters/buffers that decide the bit-width (what ``nn.sharing`` ties across
     #: a group, e.g. q/k/v); ``None``: undeclared, so the bits of this method cannot be shared
     bit_state: ClassVar[Optional[Tuple[str, ...]]] = None
+    #: buffers whose host value steers ``forward`` (see the module docstring); subclasses extend it
+    host_state: ClassVar[Tuple[str, ...]] = ("initialized", "bits_fixed", "signed_flag")
 
     def __init__(self, spec: QuantizerSpec, options: Any = None) -> None:
         super().__init__()
@@ -85,6 +106,47 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("bits_fixed", torch.tensor(False))
         self.register_buffer("signed_flag", torch.tensor(-1 if spec.signed is None else int(spec.signed)))
 
+    # -- host state: buffers mirrored as Python values -------------------------------------
+    def host(self, name: str) -> HostValue:
+        """Host value of the ``host_state`` buffer ``name`` (bool/int; tuple for a vector buffer).
+
+        Eagerly it is read from the buffer, so any in-place write to the buffer counts, and the
+        mirror follows. While ``torch.compile`` traces, the mirror is returned: dynamo guards on it
+        instead of breaking the graph. Besides eager reads, the mirror follows :meth:`set_host`,
+        assignment of the buffer (``register_buffer``) and ``load_state_dict``.
+        """
+        attr = host_attr(name)
+        if torch.compiler.is_compiling() and hasattr(self, attr):  # no mirror (an old pickle): read the buffer
+            return getattr(self, attr)
+        value = _host_value(getattr(self, name))
+        if getattr(self, attr, None) != value:
+            setattr(self, attr, value)
+        return value
+
+    def set_host(self, name: str, value: Any) -> None:
+        """Write the ``host_state`` buffer ``name`` (a number, or a tensor to copy) and its mirror."""
+        buf = getattr(self, name)
+        if isinstance(value, torch.Tensor):
+            buf.copy_(value)
+        else:
+            buf.fill_(value)
+        self._mirror(name, buf)
+
+    def _mirror(self, name: str, buf: Optional[torch.Tensor]) -> None:
+        if buf is not None and not buf.is_meta:  # a meta skeleton is mirrored when its values load
+            setattr(self, host_attr(name), _host_value(buf))
+
+    def register_buffer(self, name: str, tensor: Optional[torch.Tensor], persistent: bool = True) -> None:
+        # also reached by ``module.<buffer> = tensor`` (how transformers' loader assigns checkpoint tensors)
+        super().register_buffer(name, tensor, persistent)
+        if name in self.host_state:
+            self._mirror(name, tensor)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name in self.host_state:  # the buffers this module owns (not those a bit-sharing leader holds)
+            self._mirror(name, self._buffers.get(name))
+
     # -- shared helpers -------------------------------------------------------------------
     @property
     def role(self) -> str:
@@ -92,9 +154,10 @@ class FakeQuantizer(nn.Module):
 
     @property
     def signed(self) -> bool:
-        if int(self.signed_flag) < 0:
+        flag = self.host("signed_flag")
+        if flag < 0:
             raise RuntimeError("signedness is decided by the first tensor: run a forward pass first")
-        return bool(int(self.signed_flag))
+        return bool(flag)
 
     @property
     def per_channel(self) -> bool:
@@ -104,7 +167,7 @@ class FakeQuantizer(nn.Module):
         return f"role={self.spec.role}, bits={self.spec.bits}, per_channel={self.per_channel}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.initialized):
+        if not self.host("initialized"):
             self._initialize_from(x)
         return self.quantize(x)
 
@@ -116,14 +179,14 @@ class FakeQuantizer(nn.Module):
                     f"{self.method} {self.role} quantizer got NaN/Inf values at initialization; "
                     "check the float model and its inputs before quantizing"
                 )
-            if int(self.signed_flag) < 0:
-                self.signed_flag.fill_(int(bool((x < 0).any())))
+            if self.host("signed_flag") < 0:
+                self.set_host("signed_flag", int(bool((x < 0).any())))
             self.initialize(x)
-        self.initialized.fill_(True)
+        self.set_host("initialized", True)
 
     def fix_bits(self) -> None:
         """Fix the bit-width at its current (rounded) value; subclasses lock their state."""
-        self.bits_fixed.fill_(True)
+        self.set_host("bits_fixed", True)
 
     def set_progress(self, progress: float) -> None:
         """Training progress in [0, 1] for schedules; the default has none."""

@@ -19,7 +19,8 @@ subclass with that routing). Nothing is stored twice, so
 
 The bit state of a method is named by its class attribute ``FakeQuantizer.bit_state`` (parameter
 and buffer names; missing or ``None`` ones are skipped).
-``bits_fixed`` is always shared. What that gives per method:
+``bits_fixed`` is always shared, and so are the Python mirrors of shared ``host_state`` buffers
+(``FakeQuantizer.host``). What that gives per method:
 
 * ``sdq``: ``beta``/``beta_logit`` and ``level``: one decision during the search and at freeze;
 * ``csq``: the plane-mask logits ``mu`` and ``kept_mask``: one decision during the search and at freeze;
@@ -40,7 +41,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from mpq_plugin.nn.fake_quantizer import FakeQuantizer
+from mpq_plugin.nn.fake_quantizer import FakeQuantizer, host_attr
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +140,16 @@ def share_bits(quantizers: Sequence[FakeQuantizer]) -> None:
             if mine.shape != theirs.shape:
                 raise ValueError(f"cannot share bits: {n} has shape {tuple(theirs.shape)} in the leader and "
                                  f"{tuple(mine.shape)} in a follower")
+        mirrors = tuple(host_attr(n) for n in names if n in type(q).host_state)
         for n in names:
             q._parameters.pop(n, None)
             q._buffers.pop(n, None)
             q._non_persistent_buffers_set.discard(n)
+        for m in mirrors:
+            q.__dict__.pop(m, None)
         q.__class__ = _follower_cls(type(q))
         object.__setattr__(q, "_bit_leader", leader)
-        object.__setattr__(q, "_shared_bit_names", frozenset(names))
+        object.__setattr__(q, "_shared_bit_names", frozenset(names + mirrors))
     log.debug("sharing %s of one %s quantizer with %d others", names, leader.method, len(qs) - 1)
 
 
