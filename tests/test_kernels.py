@@ -1,9 +1,7 @@
 """Kernel paths against the eager reference: Triton (interpreter, in a subprocess), compiled, dispatch."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import subprocess
 import sys
 
@@ -13,6 +11,7 @@ import torch
 from mpq_plugin.core.affine import fake_quantize as reference
 from mpq_plugin.core.affine import int_range
 from mpq_plugin.kernels import compiled, dispatch
+from tests.triton_interpret import run_interpreted
 
 triton_missing = not dispatch.triton_available()
 
@@ -52,12 +51,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.mark.skipif(triton_missing, reason="triton not installed")
 def test_triton_kernel_interpreted_matches_reference() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-    *cases, sel = json.loads(line[len("RESULT"):])
+    *cases, sel = run_interpreted(_TRITON_SCRIPT, timeout=300)
     assert len(cases) == 8
     for c in cases:
         assert c["fwd_bits"], f"forward not bit-exact for {c['case']}"

@@ -5,15 +5,12 @@ path runs in-process; the methods are checked to route through the dispatcher.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from mpq_plugin.kernels import compiled, dispatch
+from tests.triton_interpret import run_interpreted
 from mpq_plugin.kernels import reference as R
 
 triton_missing = not dispatch.triton_available()
@@ -76,12 +73,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.mark.skipif(triton_missing, reason="triton not installed")
 def test_triton_method_kernels_interpreted_match_reference() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-    cases = json.loads(line[len("RESULT"):])
+    cases = run_interpreted(_TRITON_SCRIPT, timeout=600)
     assert len(cases) == 2 * (3 + 4 + 4) + 2
     for c in cases:
         assert c["shape"] and c["pshape"], c["name"]

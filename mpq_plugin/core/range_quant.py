@@ -74,6 +74,18 @@ def uniform_fake_quant(x: torch.Tensor, d: torch.Tensor, q: torch.Tensor, signed
     return _UniformFakeQuant.apply(x, d, q, signed, rounding, grad_variant == "paper")
 
 
+def _pow2_regions(a: torch.Tensor, q_min: torch.Tensor, q_max: torch.Tensor,
+                  with_zero: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masks of the magnitudes ``a`` clipped to ``q_max`` (top), to ``q_min`` (low: only those at or
+    above ``q_min/sqrt(2)`` when ``with_zero``, the rest become 0) and rounded in between (mid)."""
+    top = a >= q_max
+    low = a < q_min
+    mid = ~(low | top)
+    if with_zero:
+        low = low & (a >= q_min / math.sqrt(2.0))
+    return top, low, mid
+
+
 def pow2_fake_quant(x: torch.Tensor, q_min: torch.Tensor, q_max: torch.Tensor, signed: bool,
                     with_zero: bool) -> torch.Tensor:
     """Official power-of-two quantizer (``parametric_pow2_*``), paper Eq. (4).
@@ -91,11 +103,7 @@ def pow2_fake_quant(x: torch.Tensor, q_min: torch.Tensor, q_max: torch.Tensor, s
     a = x.abs()
     with torch.no_grad():
         s = torch.sign(x)
-        top = a >= q_max
-        low = a < q_min
-        mid = ~(low | top)
-        if with_zero:
-            low = low & (a >= q_min / math.sqrt(2.0))
+        top, low, mid = _pow2_regions(a, q_min, q_max, with_zero)
     a_mid = torch.where(mid, a, torch.ones_like(a))  # keeps log2 finite off the middle region
     mid_val = torch.pow(2.0, round_ste(torch.log2(a_mid)))
     zero = torch.zeros_like(a)
@@ -148,11 +156,7 @@ def _pow2_parts(x0: torch.Tensor, q_min0: torch.Tensor, q_max0: torch.Tensor, si
     xr = x if signed else torch.relu(x)
     a = xr.abs()
     s = torch.sign(xr)
-    top = a >= q_max
-    low = a < q_min
-    mid = ~(low | top)
-    if with_zero:
-        low = low & (a >= q_min / math.sqrt(2.0))
+    top, low, mid = _pow2_regions(a, q_min, q_max, with_zero)
     a_mid = torch.where(mid, a, torch.ones_like(a))
     mid_val = torch.exp2(torch.round(torch.log2(a_mid)))  # = pow(2, e) exactly (integer e)
     return x, q_min, q_max, xr, a, s, top, low, mid, a_mid, mid_val
