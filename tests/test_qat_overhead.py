@@ -175,3 +175,25 @@ def test_loaded_state_gives_the_same_outputs_eagerly_and_compiled(method: str, c
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
     assert [q.hard_bit_width() for q in _quantizers(fresh)] == hard
     assert breaks == 0
+
+
+def test_compiled_path_does_not_recompile_per_weight_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights are parameters, whose shapes dynamo keeps static: each new weight shape used to be
+    a new graph, until a model with many shapes (MiniLM: 3, times per-channel steps) hit dynamo's
+    recompile limit. Passed as views they get dynamic shapes after the first change."""
+    from mpq_plugin.kernels import compiled
+
+    monkeypatch.setenv(dispatch.ENV, "compiled")
+    torch._dynamo.reset()
+    compiled._CACHE.clear()
+    counters.clear()
+    for rows in (256, 384, 512, 640, 768, 1024):
+        w = nn.Parameter(torch.randn(rows, 128))
+        s = nn.Parameter(torch.full((rows, 1), 0.05))
+        y = dispatch.fake_quantize(w, s, 0.0, -8.0, 7.0)
+        y.sum().backward()
+        assert w.grad is not None and s.grad is not None
+        assert torch.equal(y, reference(w, s, 0.0, -8.0, 7.0))
+    assert counters["stats"]["unique_graphs"] <= 2  # the first shape, then one shape-generic graph
+    torch._dynamo.reset()
+    compiled._CACHE.clear()

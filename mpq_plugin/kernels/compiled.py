@@ -67,7 +67,10 @@ def run(op: str, *args: Any) -> torch.Tensor:
     """
     x = args[0]
     pos = TENSOR_ARGS[op]
-    args = tuple(_as_tensor(a, x) if i in pos else a for i, a in enumerate(args))
+    # parameters enter as plain views: dynamo keeps a parameter's shape static (one graph per weight
+    # shape, and a model with many shapes hits the recompile limit); a view's shape may go dynamic
+    args = tuple(_as_tensor(a, x) if i in pos else (a.view_as(a) if isinstance(a, torch.nn.Parameter) else a)
+                 for i, a in enumerate(args))
     if not hasattr(_functorch_config, "activation_memory_budget"):  # older torch: default partitioner
         return compiled_fn(op)(*args)
     with _functorch_config.patch(activation_memory_budget=0.0):
