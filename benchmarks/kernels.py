@@ -18,7 +18,6 @@ Writes ``benchmarks/results/kernels.json`` and ``kernels.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -27,6 +26,7 @@ from typing import Callable, Dict, List
 
 import torch
 
+from benchmarks.output import write_results
 from mpq_plugin.kernels import compiled, dispatch
 from mpq_plugin.kernels import reference as R
 
@@ -213,12 +213,7 @@ def main(argv: List[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
            "sizes": [bench_size(n, device, a.rounds) for n in a.sizes]}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "kernels.json").write_text(json.dumps(res, indent=2))
-    md = to_markdown(res)
-    (a.out / "kernels.md").write_text(md + "\n")
-    print(md)
-    return res
+    return write_results(a.out, "kernels", res, to_markdown(res))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ Writes ``benchmarks/results/packed.json`` and ``packed.md``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.output import write_results
 from benchmarks.timing import run_interleaved, timed
 from mpq_plugin.kernels import packed_dispatch, packed_ref
 
@@ -110,12 +110,7 @@ def main(argv: List[str] | None = None) -> dict:
     wbytes.update({f"{b}-bit packed": packed_ref.packed_words(size, b) * size * 4 + 2 * size * 4 for b in (3, 4, 8)})
     res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device.type, "quick": a.quick,
            "size": size, "weight_bytes": wbytes, "runs": [bench(size, b, rounds, device) for b in a.batches]}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "packed.json").write_text(json.dumps(res, indent=2))
-    md = to_markdown(res)
-    (a.out / "packed.md").write_text(md + "\n")
-    print(md)
-    return res
+    return write_results(a.out, "packed", res, to_markdown(res))
 
 
 if __name__ == "__main__":

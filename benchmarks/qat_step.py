@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import logging
 import time
 import warnings
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 import mpq_plugin
+from benchmarks.output import write_results
 from benchmarks.timing import run_interleaved
 from mpq_plugin.nn.layers import quant_layers
 from mpq_plugin.registry import get_method
@@ -241,12 +241,7 @@ def main(argv: List[str] | None = None) -> dict:
         models.remove("bert")
     res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": a.quick,
            "models": [bench_model(m, rounds, a.quick, a.compiled, a.methods) for m in models]}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "qat_step.json").write_text(json.dumps(res, indent=2))
-    md = to_markdown(res)
-    (a.out / "qat_step.md").write_text(md + "\n")
-    print(md)
-    return res
+    return write_results(a.out, "qat_step", res, to_markdown(res))
 
 
 if __name__ == "__main__":
