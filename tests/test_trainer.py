@@ -336,3 +336,32 @@ def test_interrupt_inside_a_step_saves_nothing(tmp_path) -> None:
     full = fit(make_model(), train, val, mpq_config(), fit_config(tmp_path / "a"))
     res = fit(make_model(), train, val, mpq_config(), fit_config(tmp_path, checkpoint_every=2), resume=True)
     assert res.losses == full.losses
+
+
+def test_make_adam_is_fused_on_cpu_and_matches_the_default_adam():
+    from mpq_plugin.search.trainer import make_adam
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(33, 7)), torch.nn.Parameter(torch.randn(5))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    start = [p.detach().clone() for p in a]
+    fused = make_adam([{"params": a[:1], "lr": 1e-2}, {"params": a[1:], "lr": 1e-3}], lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.Adam([{"params": b[:1], "lr": 1e-2}, {"params": b[1:], "lr": 1e-3}], lr=1e-2,
+                             weight_decay=0.1, foreach=True)
+    assert fused.defaults["fused"] is True and plain.defaults["fused"] is not True
+    for _ in range(5):
+        g = [torch.randn_like(p) for p in a]
+        for ps, opt in ((a, fused), (b, plain)):
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            opt.step()
+    for p, q, p0 in zip(a, b, start):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert (p - p0).abs().min() > 0  # every element moved
+
+
+def test_make_adam_falls_back_where_fused_is_not_supported():
+    from mpq_plugin.search.trainer import make_adam
+
+    meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    assert make_adam([meta], lr=1e-3).defaults["fused"] is None

@@ -359,6 +359,7 @@ def step_time_ratio(qmodel: nn.Module, fmodel: nn.Module, batch: Any, loss_fn: C
     warm-up round. Copies are timed, so the models themselves are not changed.
     """
     from mpq_plugin.search.searcher import MPQSearch
+    from mpq_plugin.search.trainer import make_adam
 
     q, f = copy.deepcopy(qmodel).train(), copy.deepcopy(fmodel).train()
     for p in f.parameters():
@@ -367,7 +368,7 @@ def step_time_ratio(qmodel: nn.Module, fmodel: nn.Module, batch: Any, loss_fn: C
     (ids, mask), y = batch
 
     def runner(model: nn.Module, s: Any) -> Callable[[], float]:
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-7)
+        opt = make_adam([p for p in model.parameters() if p.requires_grad], lr=1e-7)  # fit's optimizer
 
         def step() -> float:
             t0 = time.perf_counter()

@@ -52,7 +52,7 @@ CHECKPOINT_FORMAT = 1
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = ["FitConfig", "FitResult", "TrainingDiverged", "EpochSampler", "check_model_fits", "evaluate", "fit",
-           "optimizer_param_groups", "train_float",
+           "make_adam", "optimizer_param_groups", "train_float",
            "load_checkpoint", "CHECKPOINT_NAME"]
 
 
@@ -514,6 +514,25 @@ def optimizer_param_groups(model: nn.Module, *, lr: float, weight_decay: float =
     return [g for g in groups if g["params"]]
 
 
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def make_adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """``torch.optim.Adam``, fused (one kernel pass per tensor) when every parameter allows it.
+
+    torch's default on the CPU is the ``foreach`` form, several passes over every state tensor; the
+    fused form is 6x faster here (22M parameters: 15 vs 88 ms per step; CSQ's bit planes of a
+    MiniLM, 300M parameters: 0.2 vs 1.2 s) with the same update to float rounding. Parameters of
+    other devices or non-float dtypes get the default form.
+    """
+    groups = list(params)
+    flat = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(flat) and all(p.device.type in _FUSED_DEVICES and p.dtype in (torch.float32, torch.float64,
+                                                                                 torch.float16, torch.bfloat16)
+                               for p in flat) and len({p.device for p in flat}) == 1
+    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 class _Trainer:
     """State of one :func:`fit` call (kept in one object so checkpoints see all of it)."""
 
@@ -586,7 +605,7 @@ class _Trainer:
                                         quantizer_lr_mult=c.quantizer_lr_mult, bit_lr=c.bit_lr)
         if c.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
-        return torch.optim.Adam(groups, lr=c.lr)
+        return make_adam(groups, lr=c.lr)
 
     # checkpoints
     def state(self) -> Dict[str, Any]:
@@ -916,7 +935,7 @@ def train_float(model: nn.Module, train_loader: DataLoader, steps: int, *, lr: f
     device = _model_device(model)
     inputs, y = _split_batch(stream.batch_at(0))
     _check_batch(model, None, _to(inputs, device), _to(y, device), loss_fn)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = make_adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model.train()
     bar = None
