@@ -298,14 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated task names (default: all; see mpq_plugin.experiments.TASKS)")
     x.add_argument("--out", default="docs", help="writes OUT/results.md and OUT/results/<task>.json|png")
     x.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="seeds 0..N-1 (default: 3 for the vision tasks, 1 for the MiniLM ones; 1 with --quick)")
+                   help="seeds 0..N-1 (default 3; 1 with --quick)")
     x.add_argument("--budget", nargs="+", type=_positive_float, default=None, metavar="BITS",
                    help="average weight bits (default 2 3 4; 3 with --quick)")
     x.add_argument("--report-only", action="store_true", help="rebuild results.md and the plots from the JSONs")
     x.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     x.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     x.add_argument("--jobs", type=int, default=1,
-                   help="run up to N tasks at once, each in its own process (default 1)")
+                   help="run up to N (task, seed) units at once, each in its own process, longest first (default 1)")
+    x.add_argument("--only-seed", type=int, default=None, metavar="S",
+                   help="run seed S alone (what each --jobs process is given)")
     x.add_argument("--no-report", action="store_true", help="write the task JSONs only")
     x.add_argument("--resume", action="store_true",
                    help="keep the (budget, seed) pairs already in OUT/results/<task>.json, run the rest one at a "
@@ -419,12 +421,16 @@ def _results(args: argparse.Namespace) -> int:
     failed: List[str] = []
     if args.jobs < 1:
         raise ConfigError(f"--jobs={args.jobs} must be >= 1")
-    if not args.report_only and args.jobs > 1 and len(tasks) > 1:
-        failed = _results_parallel(args, tasks)
+    if args.only_seed is not None and args.only_seed < 0:
+        raise ConfigError(f"--only-seed={args.only_seed} must be >= 0")
+    budgets = [float(b) for b in args.budget] if args.budget else ([3.0] if args.quick else [2.0, 3.0, 4.0])
+    seeds_of = {t: [args.only_seed] if args.only_seed is not None else
+                list(range(args.seeds or (1 if args.quick else DEFAULT_SEEDS.get(t, 3)))) for t in tasks}
+    if not args.report_only and args.jobs > 1 and sum(len(v) for v in seeds_of.values()) > 1:
+        failed = _results_parallel(args, budgets, seeds_of)
     elif not args.report_only:
-        budgets = [float(b) for b in args.budget] if args.budget else ([3.0] if args.quick else [2.0, 3.0, 4.0])
         for task in tasks:
-            seeds = list(range(args.seeds or (1 if args.quick else DEFAULT_SEEDS.get(task, 3))))
+            seeds = seeds_of[task]
             mod_name, _, fn_name = TASKS[task].partition(":")
             t0 = time.perf_counter()
             log.info("task %s: budgets %s, seeds %s%s", task, budgets, seeds, " (quick)" if args.quick else "")
@@ -456,30 +462,19 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
-def _results_parallel(args: argparse.Namespace, tasks: Sequence[str]) -> List[str]:
-    """Run each task as ``mpq results --tasks T --no-report`` in a child process, ``--jobs`` at a time;
-    returns the tasks whose process failed (their output goes to this process's stdout/stderr)."""
-    import subprocess
+def _results_parallel(args: argparse.Namespace, budgets: List[float], seeds_of: Dict[str, List[int]]) -> List[str]:
+    """Run each (task, seed) as ``mpq results --tasks T --only-seed S --resume --no-report`` in a child
+    process, ``--jobs`` at a time, longest first, merging each into ``OUT/results/T.json`` as it ends
+    (:mod:`mpq_plugin.experiments.parallel`); returns the tasks with a failed unit."""
+    from mpq_plugin.experiments.parallel import plan_units, run_units
 
-    base = [sys.executable, "-m", "mpq_plugin.cli", "results", "--no-report", "--out", args.out,
-            "--threads", str(args.threads)]
-    base += ["--quick"] if args.quick else []
-    base += ["--resume"] if args.resume else []
-    base += ["--seeds", str(args.seeds)] if args.seeds else []
-    base += ["--budget", *[f"{b:g}" for b in args.budget]] if args.budget else []
-    pending, running, failed = list(tasks), [], []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            task = pending.pop(0)
-            log.info("task %s: started in its own process", task)
-            running.append((task, subprocess.Popen(base + ["--tasks", task])))
-        time.sleep(1.0)
-        for task, proc in list(running):
-            if proc.poll() is not None:
-                running.remove((task, proc))
-                if proc.returncode != 0:
-                    failed.append(task)
-    return failed
+    def command(task: str, seed: int, part_out: Path) -> List[str]:
+        cmd = [sys.executable, "-m", "mpq_plugin.cli", "results", "--no-report", "--resume", "--out", str(part_out),
+               "--threads", str(args.threads), "--tasks", task, "--only-seed", str(seed),
+               "--budget", *[f"{b:g}" for b in budgets]]
+        return cmd + (["--quick"] if args.quick else [])
+
+    return run_units(plan_units(seeds_of), command, Path(args.out), budgets, seeds_of, args.jobs, args.resume)
 
 
 def _export(args: argparse.Namespace) -> int:

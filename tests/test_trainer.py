@@ -174,6 +174,49 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch() -> None:
     assert list(EpochSampler(20, seed=1, epoch=3, start=8)) == a[8:]
 
 
+
+def _length_spread(order, lengths, batch):
+    return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b)
+               for b in (order[k:k + batch] for k in range(0, len(order) - batch + 1, batch)))
+
+
+def test_epoch_sampler_groups_by_length_and_still_replays() -> None:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 65, (203,), generator=g).tolist()
+    grouped = EpochSampler(203, seed=1, epoch=2, lengths=lengths, batch_size=8, mega=5)
+    a = list(grouped)
+    assert sorted(a) == list(range(203))  # a permutation
+    assert a == list(EpochSampler(203, seed=1, epoch=2, lengths=lengths, batch_size=8, mega=5))
+    assert a != list(EpochSampler(203, seed=1, epoch=3, lengths=lengths, batch_size=8, mega=5))
+    assert list(EpochSampler(203, seed=1, epoch=2, start=16, lengths=lengths, batch_size=8, mega=5)) == a[16:]
+    plain = list(EpochSampler(203, seed=1, epoch=2))
+    assert _length_spread(a, lengths, 8) < 0.5 * _length_spread(plain, lengths, 8)
+    # the partial batch (203 = 25 * 8 + 3) stays last, so drop_last drops 3 samples as without grouping
+    assert len(a[200:]) == 3
+    # batch order is shuffled: batch lengths do not fall monotonically within a mega-batch
+    first = [max(lengths[i] for i in a[k:k + 8]) for k in range(0, 40, 8)]
+    assert first != sorted(first, reverse=True) or len(set(first)) == 1
+    with pytest.raises(ValueError, match="lengths for"):
+        EpochSampler(10, seed=0, epoch=0, lengths=[1, 2], batch_size=2)
+
+
+def test_group_by_length_takes_lengths_from_the_dataset() -> None:
+    from mpq_plugin.search.trainer import _DataStream, sample_lengths
+
+    texts = [list(range(n)) for n in (5, 1, 9, 2, 7, 3, 8, 4)]
+    assert sample_lengths(texts) == [5, 1, 9, 2, 7, 3, 8, 4]
+    loader = DataLoader(TensorDataset(torch.randn(8, 3), torch.zeros(8)), batch_size=2, shuffle=True)
+    assert sample_lengths(loader.dataset) == [3] * 8  # first field's length
+    with pytest.raises(ValueError, match="lengths"):
+        sample_lengths([(1, 0), (2, 0)])  # ints have no length
+    ds = TensorDataset(torch.arange(8.0), torch.zeros(8))
+    ds.lengths = [5, 1, 9, 2, 7, 3, 8, 4]
+    s = _DataStream(DataLoader(ds, batch_size=2, shuffle=True, drop_last=True), seed=0, group_by_length=True)
+    batches = [s.batch_at(i)[0].long().tolist() for i in range(4)]
+    assert sorted(x for b in batches for x in b) == list(range(8))
+    # one mega-batch (50 * 2 >= 8): sorted by length then cut, so each batch pairs neighbours in length
+    assert _length_spread([x for b in batches for x in b], ds.lengths, 2) == 5  # (9,8) (7,5) (4,3) (2,1)
+
 def test_data_order_does_not_touch_global_rng(tmp_path) -> None:
     train, _ = make_data()
     torch.manual_seed(5)

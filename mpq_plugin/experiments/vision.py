@@ -217,6 +217,35 @@ def rows_from_report(task: str, report: Dict[str, Any], seed: int, metric: str =
     return out
 
 
+_FLOAT_CACHE: Dict[Tuple[str, bool], Tuple[Path, float]] = {}
+_FLOAT_DIR: Optional[tempfile.TemporaryDirectory] = None  # type: ignore[type-arg]
+
+
+def _seed0_float(task: str, quick: bool, steps: Dict[str, Any], model_factory: Callable[[], Any],
+                 loaders: Callable[[int], Tuple[Any, Any]]) -> Tuple[Path, float]:
+    """The task's float model, always trained with seed 0 (once per process): every seed, and every
+    ``--jobs`` process running one seed, starts from the same float model, as from a pretrained
+    checkpoint. Returns the checkpoint path and the training seconds."""
+    global _FLOAT_DIR
+    key = (task, quick)
+    if key not in _FLOAT_CACHE:
+        import torch
+
+        from mpq_plugin.search.trainer import train_float
+
+        if _FLOAT_DIR is None:
+            _FLOAT_DIR = tempfile.TemporaryDirectory(prefix="mpq-results-float-")
+        torch.manual_seed(0)
+        model = model_factory()
+        train, _ = loaders(steps["batch"])
+        seconds = train_float(model, train, int(steps["float_steps"]), lr=1e-2, seed=0)
+        path = Path(_FLOAT_DIR.name) / f"{task}{'-quick' if quick else ''}.pt"
+        torch.save(model.state_dict(), path)
+        log.info("%s: float model trained with seed 0 in %.1fs", task, seconds)
+        _FLOAT_CACHE[key] = (path, seconds)
+    return _FLOAT_CACHE[key]
+
+
 def _run(task: str, budgets: Optional[Sequence[float]], seeds: Optional[Sequence[int]], quick: bool,
          methods: Optional[Sequence[str]], model_factory: Callable[[], Any], loaders: Callable[[int], Tuple[Any, Any]],
          checkpoint: Optional[Callable[[Path], Path]], run_root: Optional[str]) -> List[ResultRow]:
@@ -233,16 +262,22 @@ def _run(task: str, budgets: Optional[Sequence[float]], seeds: Optional[Sequence
     root = Path(run_root)
     rows: List[ResultRow] = []
     try:
-        ckpt = checkpoint(root / "float_pretrained.pt") if checkpoint else None
-        for i, seed in enumerate(seeds):
+        if checkpoint:
+            ckpt, float_s = checkpoint(root / "float_pretrained.pt"), 0.0
+        else:
+            ckpt, float_s = _seed0_float(task, quick, steps, model_factory, loaders)
+        for seed in seeds:
             t0 = time.perf_counter()
             exp = _experiment(task, seed, root / f"seed{seed}", steps, budgets, searched, baselines,
                               model_factory, lambda: loaders(steps["batch"]), ckpt)
             report = run_experiment_rows(exp)
-            rows += rows_from_report(task, report, seed)
+            seed_rows = rows_from_report(task, report, seed)
+            for r in seed_rows:
+                if r.method == "float" and float_s:
+                    r.total_s = float_s
+                    r.extra["float_steps"] = int(steps["float_steps"])
+            rows += seed_rows
             log.info("%s seed %d: %d rows in %.1fs", task, seed, len(report.get("rows", [])), time.perf_counter() - t0)
-            if ckpt is None:  # the first seed trained the float model; every later seed starts from it
-                ckpt = exp.run_dir / "float" / "model.pt"
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -97,6 +97,8 @@ class FitConfig:
             Ctrl-C and at ``stop_at_step``). Needs ``run_dir``.
         run_dir: where checkpoints and the frozen plan go (``None``: nothing is written).
         seed: seeds torch/numpy/python and the data order.
+        group_by_length: batch samples of similar length together (Hugging Face's option of that
+            name; see :class:`EpochSampler`): text batches pad less, a step costs less.
         log_every: log a line every N steps.
         progress_bar: tqdm bar; ``None`` shows it only on a terminal.
     """
@@ -127,6 +129,7 @@ class FitConfig:
     checkpoint_every: int = 0
     run_dir: Optional[str] = None
     seed: int = 0
+    group_by_length: bool = False
     log_every: int = 50
     progress_bar: Optional[bool] = None
 
@@ -197,20 +200,53 @@ class EpochSampler(Sampler):  # type: ignore[type-arg]
 
     Replaying epoch ``e`` from ``start = k * batch_size`` yields exactly the batches an
     uninterrupted run sees after its first ``k`` batches of that epoch.
+
+    With ``lengths`` (one per sample) and ``batch_size`` the permutation is grouped by length, as
+    Hugging Face's ``group_by_length``: the shuffled indices are cut into mega-batches of
+    ``mega * batch_size``, each sorted by length, cut into batches, and the full batches are
+    shuffled (the partial last one stays last, so ``drop_last`` still drops it). A batch then
+    holds texts of similar length and pads little; which texts meet in a batch stays random.
     """
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0) -> None:
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, lengths: Optional[List[int]] = None,
+                 batch_size: int = 1, mega: int = 50) -> None:
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} samples")
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.lengths, self.batch_size, self.mega = lengths, batch_size, mega
 
     def permutation(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-        return torch.randperm(self.n, generator=g)
+        perm = torch.randperm(self.n, generator=g)
+        if self.lengths is None:
+            return perm
+        lengths = torch.as_tensor(self.lengths)
+        size = self.mega * self.batch_size
+        grouped = [m[torch.argsort(lengths[m], descending=True, stable=True)] for m in perm.split(size)]
+        batches = list(torch.cat(grouped).split(self.batch_size))
+        full = batches if len(batches[-1]) == self.batch_size else batches[:-1]
+        order = torch.randperm(len(full), generator=g).tolist()
+        return torch.cat([full[i] for i in order] + batches[len(full):])
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.permutation()[self.start:].tolist())
 
     def __len__(self) -> int:
         return max(self.n - self.start, 0)
+
+
+def sample_lengths(dataset: Any) -> List[int]:
+    """Per-sample lengths for ``group_by_length``: ``dataset.lengths`` when it has them, else
+    ``len()`` of each sample (of its first field when it is a tuple: ``(token_ids, target)``)."""
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is not None:
+        return [int(x) for x in lengths]
+    try:
+        return [len(dataset[i][0] if isinstance(dataset[i], tuple) else dataset[i])
+                for i in range(len(dataset))]
+    except TypeError as e:
+        raise ValueError("group_by_length needs per-sample lengths: give the dataset a `lengths` attribute "
+                         "(one int per sample) or make each sample's first field a sequence of token ids") from e
 
 
 def _mix(seed: int, epoch: int) -> int:
@@ -220,7 +256,7 @@ def _mix(seed: int, epoch: int) -> int:
 class _DataStream:
     """Endless stream of train batches; position ``step`` maps to ``(epoch, batch)``."""
 
-    def __init__(self, loader: DataLoader, seed: int) -> None:
+    def __init__(self, loader: DataLoader, seed: int, group_by_length: bool = False) -> None:
         if not isinstance(loader, DataLoader):
             raise TypeError(f"train_loader must be a torch DataLoader, got {type(loader).__name__}")
         if isinstance(loader.dataset, IterableDataset):
@@ -239,6 +275,7 @@ class _DataStream:
                 f"{self.batch_size}, drop_last={loader.drop_last}); give it data or a smaller batch_size"
             )
         self.steps_per_epoch = per_epoch
+        self.lengths = sample_lengths(loader.dataset) if group_by_length else None
         self._it: Optional[Iterator[Any]] = None
         self._pos = -1
 
@@ -249,7 +286,7 @@ class _DataStream:
         ld = self.loader
         return DataLoader(
             ld.dataset, batch_size=self.batch_size, drop_last=ld.drop_last,
-            sampler=EpochSampler(self.n, self.seed, epoch, batch * self.batch_size),
+            sampler=EpochSampler(self.n, self.seed, epoch, batch * self.batch_size, self.lengths, self.batch_size),
             collate_fn=ld.collate_fn, num_workers=ld.num_workers, pin_memory=ld.pin_memory,
             worker_init_fn=ld.worker_init_fn,
             # its own generator: creating an iterator must not consume the global torch RNG
@@ -810,7 +847,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: Optional[Any], m
     if checkpoint is None:
         _seed_all(cfg.seed)
 
-    stream = _DataStream(train_loader, cfg.seed)
+    stream = _DataStream(train_loader, cfg.seed, cfg.group_by_length)
     if val_loader is not None and hasattr(val_loader, "__len__") and len(val_loader) == 0:
         raise ValueError("val_loader yields no batches; give it data (or pass val_loader=None)")
     quantized = _is_quantized(model)
@@ -919,10 +956,11 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: Optional[Any], m
 
 def train_float(model: nn.Module, train_loader: DataLoader, steps: int, *, lr: float = 1e-2,
                 weight_decay: float = 0.0, seed: int = 0, loss_fn: LossFn = F.cross_entropy,
-                progress_bar: Optional[bool] = None) -> float:
+                progress_bar: Optional[bool] = None, group_by_length: bool = False) -> float:
     """Train a float model (Adam, cosine learning rate, seeded data order); returns wall seconds.
 
     The float starting point of the demo and of configs without a float checkpoint.
+    ``group_by_length`` as in :class:`FitConfig`.
 
     Raises:
         ValueError: empty loader or outputs that do not fit the loss.
@@ -931,7 +969,7 @@ def train_float(model: nn.Module, train_loader: DataLoader, steps: int, *, lr: f
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be a positive integer")
     _seed_all(seed)
-    stream = _DataStream(train_loader, seed)
+    stream = _DataStream(train_loader, seed, group_by_length)
     device = _model_device(model)
     inputs, y = _split_batch(stream.batch_at(0))
     _check_batch(model, None, _to(inputs, device), _to(y, device), loss_fn)
