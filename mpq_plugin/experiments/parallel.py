@@ -20,14 +20,14 @@ from typing import Callable, Dict, List, Sequence, Tuple
 from mpq_plugin.experiments.common import load_task_json, save_task_json
 from mpq_plugin.experiments.resume import load_for_resume, merge_rows, pending
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mpq_plugin.cli")  # the progress lines of `mpq results`, as in runner.py
 
 Unit = Tuple[str, int]  # (task, seed)
 
-#: rough wall minutes of one seed of each task (budgets 2/3/4, all methods, one thread, two jobs
-#: on 2 cores); used only to start the longest units first
-SEED_MINUTES: Dict[str, float] = {"minilm-sentiment": 10.0, "minilm-fidelity": 9.0, "mnist5k-cnn": 7.0,
-                                  "mtcnn-faces": 2.5}
+#: wall minutes of one seed of each task (budgets 2/3/4, all methods, one thread, two jobs on 2
+#: cores; measured by ``make results`` on 2026-12-07); used only to start the longest units first
+SEED_MINUTES: Dict[str, float] = {"minilm-sentiment": 12.0, "minilm-fidelity": 11.2, "mnist5k-cnn": 5.7,
+                                  "mtcnn-faces": 2.0}
 
 
 def plan_units(seeds_of: Dict[str, Sequence[int]]) -> List[Unit]:
