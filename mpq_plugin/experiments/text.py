@@ -92,9 +92,9 @@ class TextSettings:
 
 FULL = TextSettings(search_steps=28, finetune_steps=12, float_steps=125, batch=16, seq_len=64,
                     train_per_class=1000, test_per_class=200, fidelity_train=1000, fidelity_test=256)
-QUICK = TextSettings(search_steps=4, finetune_steps=2, float_steps=16, batch=8, seq_len=32,
+QUICK = TextSettings(search_steps=4, finetune_steps=2, float_steps=48, batch=8, seq_len=32,
                      train_per_class=48, test_per_class=32, fidelity_train=64, fidelity_test=48,
-                     float_lr=3e-4, hawq_samples=2, hawq_batches=1, timing_rounds=1)
+                     float_lr=2e-4, hawq_samples=2, hawq_batches=1, timing_rounds=1)
 
 
 # -- model and data ----------------------------------------------------------------------------------
