@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
 from mpq_plugin.experiments.common import load_task_json, save_task_json
-from mpq_plugin.experiments.resume import load_for_resume, merge_rows, pending
+from mpq_plugin.experiments.resume import load_for_resume, merge_rows, pending, with_done
 
 log = logging.getLogger("mpq_plugin.cli")  # the progress lines of `mpq results`, as in runner.py
 
@@ -50,15 +50,11 @@ def merge_part(dest: Path, part: Path, budgets: Sequence[float], seeds: Sequence
     ``complete`` says whether every pair of ``budgets x seeds`` is done.
     """
     new = load_task_json(part)
-    config = dict(new["config"])
-    rows, done, wall = ([], [], 0.0) if fresh else load_for_resume(dest, config)
-    rows = merge_rows(rows, new["rows"])
-    have = {(float(b), int(s)) for b, s in done}
-    done = [list(p) for p in sorted(have | {(float(b), int(s)) for b, s in config.get("done", [])})]
-    config.update(budgets=sorted({float(b) for b, _ in done} | {float(b) for b in budgets}),
-                  seeds=sorted({int(s) for _, s in done} | {int(s) for s in seeds}), done=done,
-                  complete=not pending(done, budgets, seeds))
-    return save_task_json(dest, new["task"], rows, config, wall + float(new["wall_s"] or 0.0), env=new["env"])
+    rows, done, wall = ([], [], 0.0) if fresh else load_for_resume(dest, new["config"])
+    pairs = {(float(b), int(s)) for b, s in [*done, *new["config"].get("done", [])]}
+    return save_task_json(dest, new["task"], merge_rows(rows, new["rows"]),
+                          with_done(new["config"], sorted(pairs), budgets, seeds),
+                          wall + float(new["wall_s"] or 0.0), env=new["env"])
 
 
 def unit_done(dest: Path, budgets: Sequence[float], seed: int) -> bool:

@@ -61,6 +61,16 @@ def load_for_resume(path: Path, config: Dict[str, Any]) -> Tuple[List[ResultRow]
     return list(data["rows"]), done, float(data.get("wall_s") or 0.0)
 
 
+def with_done(config: Dict[str, Any], done: Sequence[Sequence[float]], budgets: Sequence[float],
+              seeds: Sequence[int]) -> Dict[str, Any]:
+    """``config`` plus the bookkeeping of a resumable task file: ``budgets``/``seeds`` (the union of
+    the asked and the measured ones), ``done`` (the measured pairs) and ``complete`` (every asked
+    pair measured)."""
+    return {**config, "budgets": sorted({float(b) for b in budgets} | {float(b) for b, _ in done}),
+            "seeds": sorted({int(s) for s in seeds} | {int(s) for _, s in done}),
+            "done": [list(p) for p in done], "complete": not pending(done, budgets, seeds)}
+
+
 def run_resumable(task: str, run: Callable[..., List[ResultRow]], path: Path, budgets: Sequence[float],
                   seeds: Sequence[int], quick: bool, config: Dict[str, Any], env: Dict[str, Any]) -> Path:
     """Run the pairs of ``budgets x seeds`` that ``path`` does not hold yet, saving after each.
@@ -72,15 +82,11 @@ def run_resumable(task: str, run: Callable[..., List[ResultRow]], path: Path, bu
     rows, done, wall = load_for_resume(path, config)
     todo = pending(done, budgets, seeds)
     log.info("%s: %d pair(s) stored, %d to run", task, len(done), len(todo))
-    all_budgets = sorted({float(b) for b in budgets} | {float(b) for b, _ in done})
-    all_seeds = sorted({int(s) for s in seeds} | {int(s) for _, s in done})
     for b, s in todo:
         t0 = time.perf_counter()
         rows = merge_rows(rows, run(budgets=[b], seeds=[s], quick=quick, methods=None))
         wall += time.perf_counter() - t0
         done.append([b, s])
-        cfg = {**config, "budgets": all_budgets, "seeds": all_seeds, "done": done,
-               "complete": not pending(done, budgets, seeds)}
-        save_task_json(path, task, rows, cfg, wall, env=env)
+        save_task_json(path, task, rows, with_done(config, done, budgets, seeds), wall, env=env)
         log.info("%s: budget %g seed %d saved (%.1f min)", task, b, s, (time.perf_counter() - t0) / 60)
     return path

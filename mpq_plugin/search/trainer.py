@@ -241,9 +241,11 @@ def sample_lengths(dataset: Any) -> List[int]:
     lengths = getattr(dataset, "lengths", None)
     if lengths is not None:
         return [int(x) for x in lengths]
+    def first_field(sample: Any) -> Any:
+        return sample[0] if isinstance(sample, tuple) else sample
+
     try:
-        return [len(dataset[i][0] if isinstance(dataset[i], tuple) else dataset[i])
-                for i in range(len(dataset))]
+        return [len(first_field(dataset[i])) for i in range(len(dataset))]
     except TypeError as e:
         raise ValueError("group_by_length needs per-sample lengths: give the dataset a `lengths` attribute "
                          "(one int per sample) or make each sample's first field a sequence of token ids") from e
